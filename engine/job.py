@@ -1,0 +1,222 @@
+"""The labeling job: decode -> model stages -> label store, on Ray Data or in-process.
+
+Ray Data plan (``runner="ray"``)::
+
+    paths --map_batches(decode_batch, tasks)--> pixels
+          --map_batches(stage 1, actor pool)--> ... --map_batches(stage k, actor pool)--> rows
+          --iter_batches on the driver--> LabelSetWriter (atomic Parquet shards)
+
+Decoding runs in stateless CPU tasks; each model stage is a callable class that loads its
+model once per actor. Execution is streaming with Ray's backpressure, so memory stays
+flat whatever the number of images. Actor pools are sized to leave CPUs for the decode
+tasks: on CPU-only clusters a pool that takes every CPU starves the reads and hangs
+(Ray Data docs, "Stateful transforms"; ``DESIGN.md``). ``runner="local"`` runs the same
+functions and callables in this process, one batch at a time (debugging, tests).
+
+Batches are dicts of equal-length columns. The decode step produces ``path``,
+``image_id``, ``width``, ``height``, ``error`` (None or reason) and ``pixels`` (RGB uint8
+bytes, row-major ``(height, width, 3)``; empty for error rows). The last stage must
+return the columns of :data:`engine.record.ROW_SCHEMA`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from engine.images import DEFAULT_MAX_PIXELS, decode, error_kind
+from engine.record import ROW_SCHEMA
+from engine.store import LabelSet
+
+
+@dataclass
+class StageSpec:
+    """A model stage: ``cls(**kwargs)`` is built once per actor, then called on batches.
+
+    Attributes:
+        cls: a callable class ``(batch: dict) -> dict``, picklable (importable by name).
+        kwargs: constructor keyword arguments (picklable).
+        batch_size: rows per call.
+        actors: actor pool size (``runner="ray"``).
+        wants_gpu: ask one GPU per actor when the cluster has GPUs (``runner="ray"``).
+    """
+
+    cls: type
+    kwargs: dict
+    batch_size: int = 4
+    actors: int = 1
+    wants_gpu: bool = False
+
+
+@dataclass
+class JobSummary:
+    labelset_id: str
+    total: int = 0
+    skipped: int = 0
+    processed: int = 0
+    labeled: int = 0
+    instances: int = 0
+    errors: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+def image_of(batch: dict, i: int) -> np.ndarray:
+    """Row ``i``'s pixels as RGB uint8 ``(height, width, 3)`` (a writable copy)."""
+    h, w = int(batch["height"][i]), int(batch["width"][i])
+    return np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(h, w, 3).copy()
+
+
+def decode_batch(batch: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """Decode a batch of ``path`` rows (see module docstring for the columns produced)."""
+    out: dict[str, list] = {k: [] for k in ("path", "image_id", "width", "height", "error", "pixels")}
+    for path in batch["path"]:
+        d = decode(str(path), max_pixels)
+        out["path"].append(d.path)
+        out["image_id"].append(d.image_id)
+        out["width"].append(d.width if d.error is None else 0)
+        out["height"].append(d.height if d.error is None else 0)
+        out["error"].append(d.error)
+        out["pixels"].append(b"" if d.pixels is None else d.pixels.tobytes())
+    return out
+
+
+def plan_actor_cpus(total_cpus: float, stages: list[StageSpec]) -> float:
+    """CPUs per actor on a CPU-only cluster so that the pools leave at least a quarter of the cluster (at
+    least 0.5 CPU) free for decode tasks."""
+    n = sum(s.actors for s in stages)
+    if n == 0:
+        return 1.0
+    free = max(0.5, total_cpus * 0.25)
+    per = (total_cpus - free) / n
+    if per <= 0.05:
+        raise ValueError(
+            f"{n} CPU actors do not fit in {total_cpus} CPUs with room for decoding; lower the actor counts"
+        )
+    return min(1.0, per) if total_cpus < 4 else math.floor(per * 100) / 100
+
+
+def _rows(batch: dict) -> Iterable[dict]:
+    names = [f.name for f in ROW_SCHEMA]
+    for i in range(len(batch["path"])):
+        yield {k: batch[k][i] for k in names}
+
+
+def _batches_local(paths, stages, max_pixels, decode_batch_size):
+    built = [s.cls(**s.kwargs) for s in stages]
+    for s in range(0, len(paths), decode_batch_size):
+        batch = decode_batch({"path": paths[s : s + decode_batch_size]}, max_pixels)
+        for stage, spec in zip(built, stages):
+            n = len(batch["path"])
+            parts = [
+                stage({k: v[j : j + spec.batch_size] for k, v in batch.items()})
+                for j in range(0, n, spec.batch_size)
+            ]
+            batch = {k: [x for p in parts for x in p[k]] for k in parts[0]}
+        yield batch
+
+
+def _batches_ray(paths, stages, max_pixels, decode_batch_size, ray_address):
+    import ray
+
+    if not ray.is_initialized():
+        if ray_address:
+            ray.init(address=ray_address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # duplicates resolve to the first path listed
+    ctx.enable_progress_bars = False
+    resources = ray.cluster_resources()
+    total_cpus, has_gpu = float(resources.get("CPU", 1)), resources.get("GPU", 0) > 0
+    actor_cpus = plan_actor_cpus(total_cpus, stages)
+    # one block per decode batch: the unit of streaming and of backpressure
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / decode_batch_size)))
+    ds = ds.map_batches(decode_batch, fn_kwargs={"max_pixels": max_pixels}, batch_size=decode_batch_size, num_cpus=0.5)
+    for spec in stages:
+        gpu = spec.wants_gpu and has_gpu
+        ds = ds.map_batches(
+            spec.cls,
+            fn_constructor_kwargs=spec.kwargs,
+            batch_size=spec.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=spec.actors),
+            num_gpus=1 if gpu else None,
+            num_cpus=1 if gpu else actor_cpus,
+        )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+        yield batch
+
+
+def run_label_job(
+    paths: list[str],
+    labelset: LabelSet,
+    stages: list[StageSpec],
+    *,
+    runner: str = "ray",
+    ray_address: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    shard_size: int = 256,
+    decode_batch_size: int = 8,
+    progress: bool = True,
+    on_row: Callable[[dict], Any] | None = None,
+) -> JobSummary:
+    """Label ``paths`` into ``labelset``, skipping paths it already holds (resume).
+
+    Args:
+        paths: image paths, in the order duplicates should be resolved.
+        labelset: where rows go (see :class:`engine.store.LabelSet`).
+        stages: model stages, in order; the last returns :data:`ROW_SCHEMA` columns.
+        runner: ``"ray"`` (Ray Data; local cluster unless ``ray_address``) or ``"local"``.
+        max_pixels: images with more pixels become ``too-large`` error records.
+        shard_size: rows per Parquet shard (what a crash can lose at most).
+        decode_batch_size: paths per decode task (and per Ray block).
+
+    Returns:
+        :class:`JobSummary` over this run (``skipped`` = already in the store).
+
+    Raises:
+        ValueError: unknown runner. StoreError: another job holds the label set.
+    """
+    if runner not in ("ray", "local"):
+        raise ValueError(f"runner must be 'ray' or 'local', got {runner!r}")
+    start = time.perf_counter()
+    summary = JobSummary(labelset.id, total=len(paths))
+    with labelset.writer(shard_size) as writer:
+        pending = [p for p in paths if p not in writer.done_paths]
+        summary.skipped = len(paths) - len(pending)
+        if pending:
+            if runner == "local":
+                batches = _batches_local(pending, stages, max_pixels, decode_batch_size)
+            else:
+                batches = _batches_ray(pending, stages, max_pixels, decode_batch_size, ray_address)
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(pending), unit="img", desc=f"label {labelset.id}", dynamic_ncols=True)
+            for batch in batches:
+                for row in _rows(batch):
+                    row = writer.add(row)
+                    summary.processed += 1
+                    if row["error"] is None:
+                        summary.labeled += 1
+                        summary.instances += len(row["box_score"])
+                    else:
+                        summary.errors[error_kind(row["error"])] += 1
+                    if on_row is not None:
+                        on_row(row)
+                if bar is not None:
+                    bar.update(len(batch["path"]))
+            if bar is not None:
+                bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,254 @@
+"""The label store: a directory of label sets, each keyed by a fingerprint of what produced it.
+
+Layout::
+
+    STORE/labelsets/<labelset_id>/manifest.json      # schema version, ontology, teachers, ...
+    STORE/labelsets/<labelset_id>/shards/*.parquet   # rows of engine.record.ROW_SCHEMA
+    STORE/labelsets/<labelset_id>/.lock              # held (flock) by the one job writing
+
+Shards are written whole under a temporary name, then renamed (``os.replace`` is atomic
+on POSIX), so a crash -- ``kill -9`` included -- loses at most the shard in flight and
+never leaves a partial one visible. Every input path ends as exactly one row; a rerun
+skips the paths already stored, so it resumes where it stopped. Label sets are never
+overwritten: a different ontology, teacher or setting has a different id.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.images import error_kind
+from engine.record import ROW_SCHEMA, SCHEMA_VERSION, LabelRecord, rows_to_table
+
+
+class StoreError(RuntimeError):
+    """The store or a label set is missing, ambiguous, locked or inconsistent."""
+
+
+def fingerprint(spec: dict) -> str:
+    """Label set id: ``ls-`` + first 16 hex of sha256 over the canonical JSON of ``spec``
+    (sorted keys, no whitespace), i.e. over everything that changes the labels."""
+    blob = json.dumps({"schema_version": SCHEMA_VERSION, **spec}, sort_keys=True, separators=(",", ":"))
+    return "ls-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("distillery")
+    except Exception:  # noqa: BLE001 - running from a source tree without install
+        return "unknown"
+
+
+@dataclass
+class LabelSetCounts:
+    images: int = 0
+    labeled: int = 0
+    instances: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+
+class LabelSet:
+    """One label set directory. Obtain it from :class:`LabelStore`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.shard_dir = self.root / "shards"
+        try:
+            self.manifest = json.loads((self.root / "manifest.json").read_text())
+        except FileNotFoundError as e:
+            raise StoreError(f"{self.root}: no manifest.json; not a label set") from e
+        if self.manifest.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.root}: schema version {self.manifest.get('schema_version')} != {SCHEMA_VERSION} of this "
+                "distillery; relabel or use the matching distillery version"
+            )
+
+    @property
+    def id(self) -> str:
+        return self.manifest["labelset_id"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["ontology"]["classes"])
+
+    def shards(self) -> list[Path]:
+        return sorted(self.shard_dir.glob("*.parquet")) if self.shard_dir.is_dir() else []
+
+    def read_columns(self, columns: list[str]) -> pa.Table:
+        """The named columns of every shard, concatenated (empty table if none)."""
+        tables = [pq.read_table(p, columns=columns) for p in self.shards()]
+        if not tables:
+            return pa.Table.from_pylist([], schema=pa.schema([ROW_SCHEMA.field(c) for c in columns]))
+        return pa.concat_tables(tables)
+
+    def iter_records(self) -> Iterator[LabelRecord]:
+        """Every record, shard by shard (memory: one shard at a time)."""
+        C = len(self.classes)
+        for p in self.shards():
+            for row in pq.read_table(p).to_pylist():
+                yield LabelRecord.from_row(row, C)
+
+    def counts(self) -> LabelSetCounts:
+        t = self.read_columns(["error", "box_score"])
+        c = LabelSetCounts(images=t.num_rows)
+        for err, scores in zip(t.column("error").to_pylist(), t.column("box_score").to_pylist()):
+            if err is None:
+                c.labeled += 1
+                c.instances += len(scores)
+            else:
+                c.errors[error_kind(err)] += 1
+        return c
+
+    def writer(self, shard_size: int = 256) -> "LabelSetWriter":
+        """Exclusive writer (a second concurrent job on this label set raises :class:`StoreError`)."""
+        return LabelSetWriter(self, shard_size)
+
+
+class LabelSetWriter:
+    """Buffers rows and writes them as atomic Parquet shards of ``shard_size`` rows.
+
+    Duplicates are resolved here: an image whose bytes (``image_id``) are already stored
+    under another path gets an error row ``duplicate: same bytes as <path>``, so every
+    input path is accounted for and each image is labeled once. Use as a context
+    manager; leaving it flushes the last, partial shard.
+    """
+
+    def __init__(self, labelset: LabelSet, shard_size: int) -> None:
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.ls = labelset
+        self.shard_size = int(shard_size)
+        self.ls.shard_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.ls.root / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            self._lock.close()
+            raise StoreError(f"label set {self.ls.id} is being written by another job; wait for it to finish") from e
+        for tmp in self.ls.shard_dir.glob(".tmp-*"):
+            tmp.unlink()  # a shard in flight when a previous job died
+        done = self.ls.read_columns(["path", "image_id", "error"])
+        self.done_paths: set[str] = set(done.column("path").to_pylist())
+        self._first_path: dict[str, str] = {
+            i: p for i, p, e in zip(*(done.column(c).to_pylist() for c in ("image_id", "path", "error"))) if e is None
+        }
+        self._rows: list[dict] = []
+        self.written = 0
+
+    def add(self, row: dict) -> dict:
+        """Queue one row of :data:`ROW_SCHEMA`; returns the row as stored (maybe a duplicate error)."""
+        if row["error"] is None:
+            first = self._first_path.setdefault(row["image_id"], row["path"])
+            if first != row["path"]:
+                row = LabelRecord.failed(
+                    row["path"], f"duplicate: same bytes as {first}", len(self.ls.classes), row["image_id"]
+                ).to_row()
+        self.done_paths.add(row["path"])
+        self._rows.append(row)
+        if len(self._rows) >= self.shard_size:
+            self.flush()
+        return row
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        table = rows_to_table(self._rows)
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+        tmp = self.ls.shard_dir / f".tmp-{name}"
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.ls.shard_dir / name)
+        self.written += len(self._rows)
+        self._rows = []
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+    def __enter__(self) -> "LabelSetWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LabelStore:
+    """A directory of label sets.
+
+    Args:
+        root: the store directory (created on first write).
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).expanduser()
+
+    @property
+    def labelsets_dir(self) -> Path:
+        return self.root / "labelsets"
+
+    def labelsets(self) -> list[LabelSet]:
+        """All label sets, oldest first."""
+        if not self.labelsets_dir.is_dir():
+            return []
+        sets = [LabelSet(d) for d in self.labelsets_dir.iterdir() if (d / "manifest.json").is_file()]
+        return sorted(sets, key=lambda s: (s.manifest.get("created", ""), s.id))
+
+    def create(self, spec: dict, extra: dict | None = None) -> LabelSet:
+        """The label set for ``spec`` (ontology, teachers, preprocessing, thresholds...), created
+        if new; reopened (to resume) if its fingerprint already exists. ``extra`` is recorded
+        in a new manifest but does not change the id."""
+        ls_id = fingerprint(spec)
+        root = self.labelsets_dir / ls_id
+        if (root / "manifest.json").is_file():
+            return LabelSet(root)
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "labelset_id": ls_id,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "distillery_version": _package_version(),
+            **spec,
+            **(extra or {}),
+        }
+        tmp = root / ".manifest.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(tmp, root / "manifest.json")
+        return LabelSet(root)
+
+    def open(self, labelset_id: str | None = None) -> LabelSet:
+        """A label set by id (a unique prefix is enough), or the only one when ``None``.
+
+        Raises:
+            StoreError: no store, no such label set, or several and none named.
+        """
+        sets = self.labelsets()
+        if not sets:
+            raise StoreError(f"store {self.root} has no label sets; run `distillery label` or `labels import` first")
+        if labelset_id is None:
+            if len(sets) > 1:
+                ids = ", ".join(s.id for s in sets)
+                raise StoreError(f"store {self.root} has {len(sets)} label sets ({ids}); choose one with --labelset")
+            return sets[0]
+        match = [s for s in sets if s.id == labelset_id] or [s for s in sets if s.id.startswith(labelset_id)]
+        if len(match) != 1:
+            ids = ", ".join(s.id for s in sets)
+            raise StoreError(f"label set {labelset_id!r} {'is ambiguous' if match else 'not found'} in {self.root}: {ids}")
+        return match[0]

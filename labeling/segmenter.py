@@ -1,0 +1,197 @@
+"""SAM mask teacher (``segment-anything``): one image embedding, all its boxes decoded in batches.
+
+Steps, as separate methods:
+
+* :meth:`SamTeacher.embed` -- ``SamPredictor.set_image``: resize the longest side to 1024
+  (``ResizeLongestSide``), normalise, pad to 1024x1024, run the image encoder once;
+* :meth:`SamTeacher.decode` -- prompt encoder + mask decoder for a batch of boxes,
+  returning SAM's raw low-resolution mask logits ``(N, 1, 256, 256)`` and predicted IoU
+  ``(N, 1)`` (``SamPredictor.predict_torch`` with ``multimask_output=False``);
+* :meth:`SamTeacher.postprocess` -- ``Sam.postprocess_masks`` (upsample, crop the
+  padding, resize to the original frame) and threshold at ``mask_threshold`` (SAM: 0.0).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from labeling.detector import DTYPES, resolve_device
+
+
+def build_sam_vit_tiny(checkpoint: str | None = None):
+    """SAM of reduced width for offline tests and ``distillery teachers tiny``.
+
+    Same components, 1024 input, 16-pixel patches and 64x64 embedding grid as
+    ``segment_anything.build_sam._build_sam``, but a 2-block width-32 ViT encoder and a
+    prompt encoder / mask decoder of width 32 (SAM: 256), so that a box costs
+    milliseconds on a CPU. Random weights unless ``checkpoint`` is given.
+    """
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    dim, image_size, patch = 32, 1024, 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=2, embed_dim=32, img_size=image_size, mlp_ratio=4,
+            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=patch,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=[1], window_size=14, out_chans=dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim, image_embedding_size=(image_size // patch,) * 2,
+            input_image_size=(image_size, image_size), mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=32,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    sam.eval()
+    if checkpoint is not None:
+        sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    return sam
+
+
+def _sam_builders() -> dict:
+    from segment_anything import sam_model_registry
+
+    builders = dict(sam_model_registry)
+    builders.pop("default", None)
+    builders["vit_tiny"] = build_sam_vit_tiny
+    return builders
+
+
+SAM_MODEL_TYPES = ("vit_h", "vit_l", "vit_b", "vit_tiny")
+
+
+def load_sam(model_type: str, checkpoint: str | None):
+    """Build a SAM model of ``model_type`` and load ``checkpoint`` (a ``.pth`` state dict).
+
+    Args:
+        model_type: ``vit_h``, ``vit_l``, ``vit_b`` (``segment_anything.sam_model_registry``)
+            or ``vit_tiny`` (reduced encoder, random weights, for tests).
+        checkpoint: path to the state dict, e.g. ``sam_vit_b_01ec64.pth`` from the
+            segment-anything release; ``None`` leaves random weights.
+
+    Raises:
+        ValueError: unknown model type.
+        FileNotFoundError: the checkpoint path does not exist (says where to get one).
+    """
+    builders = _sam_builders()
+    if model_type not in builders:
+        raise ValueError(f"unknown SAM model type {model_type!r}; choose one of {', '.join(SAM_MODEL_TYPES)}")
+    if checkpoint is not None:
+        import os
+
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(
+                f"SAM checkpoint {checkpoint!r} not found: download the {model_type} checkpoint from the "
+                "segment-anything release (e.g. sam_vit_b_01ec64.pth) and set sam.checkpoint in the teachers preset"
+            )
+    return builders[model_type](checkpoint=checkpoint)
+
+
+class SamTeacher:
+    """Masks for given boxes with SAM.
+
+    Args:
+        model_type, checkpoint: see :func:`load_sam`.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        precision: ``"fp32"``, ``"fp16"``, ``"bf16"`` (autocast, GPU only).
+        boxes_per_call: boxes decoded per mask-decoder call (memory: each box holds a copy
+            of the 256x64x64 image embedding).
+    """
+
+    def __init__(
+        self,
+        model_type: str,
+        checkpoint: str | None,
+        *,
+        device: str = "auto",
+        precision: str = "fp32",
+        boxes_per_call: int = 32,
+    ) -> None:
+        from segment_anything import SamPredictor
+
+        self.device = resolve_device(device)
+        self.sam = load_sam(model_type, checkpoint).to(self.device).eval()
+        self.predictor = SamPredictor(self.sam)
+        self.dtype = DTYPES[precision] if self.device.type == "cuda" else torch.float32
+        self.boxes_per_call = int(boxes_per_call)
+        self.mask_threshold = float(self.sam.mask_threshold)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray) -> None:
+        """Embed one RGB uint8 ``(H, W, 3)`` image (kept in the predictor for :meth:`decode`)."""
+        with self._autocast():
+            self.predictor.set_image(image, image_format="RGB")
+
+    @torch.inference_mode()
+    def decode(self, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw SAM output for boxes of the embedded image.
+
+        Args:
+            boxes: float32 ``(N, 4)`` xyxy, absolute pixels of the original frame.
+
+        Returns:
+            ``low_res_logits`` float32 ``(N, 1, 256, 256)`` over the padded 1024x1024 input,
+            and ``iou_pred`` float32 ``(N, 1)``, both on CPU.
+        """
+        t = self.predictor.transform.apply_boxes_torch(
+            torch.as_tensor(boxes, dtype=torch.float32, device=self.device), self.predictor.original_size
+        )
+        with self._autocast():
+            sparse, dense = self.sam.prompt_encoder(points=None, boxes=t, masks=None)
+            low_res, iou = self.sam.mask_decoder(
+                image_embeddings=self.predictor.features,
+                image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+        return low_res.float().cpu(), iou.float().cpu()
+
+    @torch.inference_mode()
+    def postprocess(self, low_res_logits: torch.Tensor) -> np.ndarray:
+        """Low-res logits ``(N, 1, 256, 256)`` -> bool masks ``(N, H, W)`` of the original frame."""
+        up = self.sam.postprocess_masks(
+            low_res_logits.to(self.device), self.predictor.input_size, self.predictor.original_size
+        )
+        return (up[:, 0] > self.mask_threshold).cpu().numpy()
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[list[dict], np.ndarray]:
+        """Masks for ``boxes`` (float32 ``(N, 4)`` xyxy pixels) on RGB uint8 ``image`` ``(H, W, 3)``.
+
+        Returns:
+            ``N`` compressed COCO RLE dicts (``size == [H, W]``, ``counts`` bytes) and
+            float32 ``(N,)`` SAM-predicted IoU clipped to [0, 1]. No boxes, no encoder run.
+        """
+        n = len(boxes)
+        if n == 0:
+            return [], np.zeros(0, np.float32)
+        self.embed(image)
+        rles, ious = [], []
+        for s in range(0, n, self.boxes_per_call):
+            low_res, iou = self.decode(boxes[s : s + self.boxes_per_call])
+            masks = self.postprocess(low_res)
+            rles.extend(encode_masks(masks))
+            ious.append(iou[:, 0].numpy())
+        self.predictor.reset_image()
+        return rles, np.clip(np.concatenate(ious), 0.0, 1.0).astype(np.float32)
+
+
+def encode_masks(masks: np.ndarray) -> list[dict]:
+    """bool ``(N, H, W)`` masks -> N compressed RLE dicts (``pycocotools.mask.encode``)."""
+    if len(masks) == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(r["size"][0]), int(r["size"][1])], "counts": r["counts"]} for r in rles]

@@ -1,0 +1,250 @@
+"""Teacher presets (YAML) and the Ray Data model stages built from them.
+
+A preset names the two teachers and their settings::
+
+    detector:                       # Grounding DINO, anything transformers' from_pretrained loads
+      model: IDEA-Research/grounding-dino-tiny
+      revision: null
+      box_floor: 0.05
+      nms_iou: 0.5
+      image_size: {shortest_edge: 800, longest_edge: 1333}
+      max_detections: 300
+      batch_size: 4
+      actors: 1
+    segmenter:                      # segment-anything
+      model_type: vit_b
+      checkpoint: ~/models/sam_vit_b_01ec64.pth
+      boxes_per_call: 32
+      batch_size: 4
+      actors: 1
+    device: auto                    # auto | cpu | cuda
+    precision: fp32                 # fp32 | fp16 | bf16 (GPU only)
+
+Relative paths (a local detector directory, the SAM checkpoint) are relative to the
+preset file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from engine.job import StageSpec, image_of
+from engine.record import LabelRecord
+from labeling.ontology import Ontology
+
+
+class PresetError(ValueError):
+    """A teachers preset is missing, malformed, or names unknown settings."""
+
+
+@dataclass
+class DetectorConfig:
+    model: str = "IDEA-Research/grounding-dino-tiny"
+    revision: str | None = None
+    box_floor: float = 0.05
+    nms_iou: float = 0.5
+    image_size: dict | None = None
+    max_detections: int = 300
+    batch_size: int = 4
+    actors: int = 1
+
+
+@dataclass
+class SegmenterConfig:
+    model_type: str = "vit_b"
+    checkpoint: str | None = None
+    boxes_per_call: int = 32
+    batch_size: int = 4
+    actors: int = 1
+
+
+@dataclass
+class TeacherPreset:
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    device: str = "auto"
+    precision: str = "fp32"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TeacherPreset":
+        """Read a preset YAML (see module docstring).
+
+        Raises:
+            PresetError: missing file, invalid YAML, unknown keys, wrong types.
+        """
+        p = Path(path).expanduser()
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError as e:
+            raise PresetError(f"teachers preset {str(p)!r} not found (see configs/teachers/)") from e
+        except yaml.YAMLError as e:
+            raise PresetError(f"{p}: invalid YAML ({e})") from e
+        return cls.from_dict(data, base=p.parent, source=str(p))
+
+    @classmethod
+    def from_dict(cls, data: dict, base: Path | None = None, source: str = "preset") -> "TeacherPreset":
+        def build(kind, values, where):
+            if not isinstance(values, dict):
+                raise PresetError(f"{source}: {where} must be a mapping")
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(values) - names
+            if unknown:
+                raise PresetError(f"{source}: unknown key(s) {sorted(unknown)} in {where}; known: {sorted(names)}")
+            return kind(**values)
+
+        names = {"detector", "segmenter", "device", "precision"}
+        unknown = set(data) - names
+        if unknown:
+            raise PresetError(f"{source}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+        det = build(DetectorConfig, data.get("detector", {}), "detector")
+        seg = build(SegmenterConfig, data.get("segmenter", {}), "segmenter")
+        if base is not None:
+            local = base / os.path.expanduser(det.model)
+            if local.is_dir():
+                det.model = str(local.resolve())
+            if seg.checkpoint:
+                seg.checkpoint = str((base / os.path.expanduser(seg.checkpoint)).resolve())
+        preset = cls(det, seg, str(data.get("device", "auto")), str(data.get("precision", "fp32")))
+        if preset.precision not in ("fp32", "fp16", "bf16"):
+            raise PresetError(f"{source}: precision must be fp32, fp16 or bf16, got {preset.precision!r}")
+        return preset
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_HASH_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, cached per (path, size, mtime) in this process."""
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _HASH_CACHE[key] = h.hexdigest()
+    return _HASH_CACHE[key]
+
+
+def detector_identity(model: str, revision: str | None) -> dict:
+    """What identifies the detector's weights: for a local directory, sha256 of its config and
+    weight files (so moving the folder keeps the id); for a hub id, the id, the revision
+    asked for and, when it is in the local cache, the resolved commit."""
+    p = Path(model)
+    if p.is_dir():
+        files = sorted(
+            f for f in p.iterdir() if f.suffix in (".json", ".safetensors", ".bin", ".txt") and f.is_file()
+        )
+        return {"model": p.name, "files": {f.name: file_sha256(f) for f in files}}
+    ident = {"model": model, "revision": revision or "main"}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json", revision=revision)
+        if isinstance(cached, str):
+            ident["commit"] = Path(cached).parent.name
+    except Exception:  # noqa: BLE001 - identity without the commit is still valid
+        pass
+    return ident
+
+
+def labelset_spec(ontology: Ontology, preset: TeacherPreset, max_pixels: int) -> dict:
+    """Everything that changes the labels, hashed into the label set id (see engine.store.fingerprint)."""
+    d, s = preset.detector, preset.segmenter
+    return {
+        "kind": "teacher",
+        "ontology": ontology.to_dict(),
+        "teachers": {
+            "detector": {"type": "grounding-dino", **detector_identity(d.model, d.revision)},
+            "segmenter": {
+                "type": "segment-anything",
+                "model_type": s.model_type,
+                "checkpoint_sha256": file_sha256(s.checkpoint) if s.checkpoint else None,
+            },
+            "precision": preset.precision,
+        },
+        "preprocessing": {"decode": "pillow-exif_transpose-rgb", "max_pixels": int(max_pixels),
+                          "detector_image_size": d.image_size, "segmenter_input": "ResizeLongestSide(1024)"},
+        "thresholds": {"box_floor": d.box_floor, "nms_iou": d.nms_iou, "max_detections": d.max_detections,
+                       "mask_threshold": 0.0},
+    }
+
+
+class DetectStage:
+    """Ray Data stage: adds ``boxes`` (float32 N*4, xyxy px) and ``scores`` (float32 N*C)."""
+
+    def __init__(self, preset: dict, ontology: dict) -> None:
+        from labeling.detector import GroundingDinoTeacher
+
+        p = TeacherPreset.from_dict(preset)
+        d = p.detector
+        self.teacher = GroundingDinoTeacher(
+            d.model, Ontology.from_dict(ontology), revision=d.revision, device=p.device, precision=p.precision,
+            box_floor=d.box_floor, nms_iou=d.nms_iou, image_size=d.image_size, max_detections=d.max_detections,
+        )
+        self.num_classes = len(self.teacher.ontology.classes)
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["path"])
+        ok = [i for i in range(n) if batch["error"][i] is None]
+        dets = dict(zip(ok, self.teacher([image_of(batch, i) for i in ok])))
+        empty_b, empty_s = np.zeros(0, np.float32), np.zeros(0, np.float32)
+        batch = dict(batch)
+        batch["boxes"] = [dets[i].boxes.reshape(-1) if i in dets else empty_b for i in range(n)]
+        batch["scores"] = [dets[i].scores.reshape(-1) if i in dets else empty_s for i in range(n)]
+        return batch
+
+
+class SegmentStage:
+    """Ray Data stage: SAM masks for the detected boxes; returns ROW_SCHEMA columns (pixels dropped)."""
+
+    def __init__(self, preset: dict, num_classes: int) -> None:
+        from labeling.segmenter import SamTeacher
+
+        p = TeacherPreset.from_dict(preset)
+        s = p.segmenter
+        self.teacher = SamTeacher(
+            s.model_type, s.checkpoint, device=p.device, precision=p.precision, boxes_per_call=s.boxes_per_call
+        )
+        self.num_classes = int(num_classes)
+
+    def __call__(self, batch: dict) -> dict:
+        rows = []
+        C = self.num_classes
+        for i in range(len(batch["path"])):
+            path, image_id, err = str(batch["path"][i]), str(batch["image_id"][i]), batch["error"][i]
+            if err is not None:
+                rows.append(LabelRecord.failed(path, str(err), C, image_id).to_row())
+                continue
+            boxes = np.asarray(batch["boxes"][i], np.float32).reshape(-1, 4)
+            scores = np.asarray(batch["scores"][i], np.float32).reshape(-1, C)
+            masks, mask_score = self.teacher(image_of(batch, i), boxes)
+            rec = LabelRecord(
+                image_id=image_id, path=path, width=int(batch["width"][i]), height=int(batch["height"][i]),
+                num_classes=C, boxes=boxes, scores=scores, masks=masks, mask_score=mask_score,
+            )
+            rows.append(rec.to_row())
+        return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+
+
+def teacher_stages(preset: TeacherPreset, ontology: Ontology) -> list[StageSpec]:
+    """The detector and segmenter stages for :func:`engine.job.run_label_job`; each actor asks
+    for one GPU when the preset's device is ``auto`` or ``cuda*`` and the cluster has GPUs."""
+    gpu = preset.device == "auto" or preset.device.startswith("cuda")
+    pd = preset.to_dict()
+    return [
+        StageSpec(DetectStage, {"preset": pd, "ontology": ontology.to_dict()},
+                  preset.detector.batch_size, preset.detector.actors, gpu),
+        StageSpec(SegmentStage, {"preset": pd, "num_classes": len(ontology.classes)},
+                  preset.segmenter.batch_size, preset.segmenter.actors, gpu),
+    ]

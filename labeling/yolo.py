@@ -1,0 +1,118 @@
+"""Label set -> ultralytics YOLO segmentation dataset (docs.ultralytics.com/datasets/segment/).
+
+Layout written::
+
+    OUT/data.yaml                    # path, train, val, names
+    OUT/images/{train,val}/NAME      # hard links to the originals (copies across filesystems)
+    OUT/labels/{train,val}/STEM.txt  # one line per instance: class x1 y1 x2 y2 ... (normalised)
+
+Images are hard-linked or copied, never symlinked: ultralytics finds labels by rewriting
+``/images/`` to ``/labels/`` in the *resolved* image path, so a symlink loses its labels.
+A YOLO polygon holds one outline: masks with several parts are joined into one polygon
+by ultralytics' own ``merge_multi_segment`` (thin bridges between parts), and holes
+cannot be represented (the training path of the student reads masks from the store
+instead). The class of an instance is its argmax soft score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+from pycocotools import mask as mask_utils
+
+from engine.record import LabelRecord
+from engine.store import LabelSet
+
+
+def val_split(image_id: str, val_fraction: float) -> bool:
+    """Deterministic split: True (val) when the image id's sha256 falls in the first ``val_fraction``."""
+    h = int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return h < val_fraction
+
+
+def mask_to_polygon(mask: np.ndarray) -> np.ndarray:
+    """bool/uint8 ``(H, W)`` mask -> float32 ``(K, 2)`` polygon (x, y pixels) of its outer outline(s).
+
+    Outer contours (``cv2.findContours``, ``RETR_EXTERNAL``, no approximation); several
+    parts are merged with ``ultralytics.data.converter.merge_multi_segment``. Empty mask ->
+    ``(0, 2)``. Contour points are pixel centres; add 0.5 to compare with pixel edges.
+    """
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    parts = [c.reshape(-1, 2).astype(np.float32) for c in contours if len(c) >= 3]
+    if not parts:
+        return np.zeros((0, 2), np.float32)
+    if len(parts) == 1:
+        return parts[0]
+    from ultralytics.data.converter import merge_multi_segment
+
+    merged = merge_multi_segment([p.reshape(-1).tolist() for p in parts])
+    return np.concatenate(merged, axis=0).reshape(-1, 2).astype(np.float32)
+
+
+def record_to_yolo_lines(rec: LabelRecord, min_score: float = 0.0) -> list[str]:
+    """YOLO-seg label lines (``class x1 y1 ... xn yn``, coordinates normalised to [0, 1])."""
+    lines = []
+    for k in range(rec.num_instances):
+        if rec.box_score[k] < min_score or rec.iscrowd[k]:
+            continue
+        poly = mask_to_polygon(mask_utils.decode(rec.masks[k]))
+        if len(poly) < 3:
+            continue
+        # pixel centres -> continuous coordinates (pixel i spans [i, i+1])
+        xy = (poly + 0.5) / np.array([rec.width, rec.height], np.float32)
+        xy = np.clip(xy, 0.0, 1.0)
+        coords = " ".join(f"{v:.6f}" for v in xy.reshape(-1))
+        lines.append(f"{int(rec.scores[k].argmax())} {coords}")
+    return lines
+
+
+def _place(src: str, dst: Path) -> None:
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def export_yolo_seg(labelset: LabelSet, out_dir: str | os.PathLike, val_fraction: float = 0.1, min_score: float = 0.0) -> dict:
+    """Write the ultralytics layout for ``labelset`` (see module docstring).
+
+    Crowd instances are skipped (YOLO has no crowd flag). Returns counts per split.
+    File names keep the original name; a second image of the same name gets
+    ``_<image_id[:8]>`` appended to its stem.
+    """
+    out = Path(out_dir)
+    counts = {"train": 0, "val": 0, "instances": 0}
+    used: set[str] = set()
+    for split in ("train", "val"):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+    for rec in labelset.iter_records():
+        if rec.error is not None:
+            continue
+        split = "val" if val_split(rec.image_id, val_fraction) else "train"
+        src = Path(rec.path)
+        stem, suffix = src.stem, src.suffix.lower()
+        if stem in used:
+            stem = f"{stem}_{rec.image_id[:8]}"
+        used.add(stem)
+        _place(rec.path, out / "images" / split / f"{stem}{suffix}")
+        lines = record_to_yolo_lines(rec, min_score)
+        (out / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        counts[split] += 1
+        counts["instances"] += len(lines)
+    data = {
+        "path": str(out.absolute()),
+        "train": "images/train",
+        "val": "images/val",
+        "names": {j: c for j, c in enumerate(labelset.classes)},
+    }
+    (out / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return counts
