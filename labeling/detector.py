@@ -59,6 +59,9 @@ class GroundingDinoTeacher:
         box_floor: keep a box when its best class score is at least this (default 0.05:
             later stages threshold; soft labels need the low end).
         nms_iou: IoU above which a lower-scored box of the same (argmax) class is removed.
+            Default 0.7, not 0.5: Grounding DINO, like DETR, rarely emits duplicates within
+            one caption, and at 0.5 NMS removes real, overlapping same-class objects
+            (15 of coco128's 939 instances overlap one of their class above 0.5, 4 above 0.7).
         image_size: ``{"shortest_edge": int, "longest_edge": int}`` resize of the processor
             (None keeps the model's own, 800/1333 for the released checkpoints).
         max_detections: at most this many boxes per image after NMS, best first.
@@ -77,7 +80,7 @@ class GroundingDinoTeacher:
         device: str = "auto",
         precision: str = "fp32",
         box_floor: float = 0.05,
-        nms_iou: float = 0.5,
+        nms_iou: float = 0.7,
         image_size: dict | None = None,
         max_detections: int = 300,
     ) -> None:

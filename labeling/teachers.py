@@ -6,7 +6,7 @@ A preset names the two teachers and their settings::
       model: IDEA-Research/grounding-dino-tiny
       revision: null
       box_floor: 0.05
-      nms_iou: 0.5
+      nms_iou: 0.7
       image_size: {shortest_edge: 800, longest_edge: 1333}
       max_detections: 300
       batch_size: 4
@@ -37,7 +37,9 @@ import yaml
 
 from engine.job import StageSpec, image_of
 from engine.record import LabelRecord
+from labeling.detector import GroundingDinoTeacher
 from labeling.ontology import Ontology
+from labeling.segmenter import SamTeacher
 
 
 class PresetError(ValueError):
@@ -49,7 +51,7 @@ class DetectorConfig:
     model: str = "IDEA-Research/grounding-dino-tiny"
     revision: str | None = None
     box_floor: float = 0.05
-    nms_iou: float = 0.5
+    nms_iou: float = 0.7
     image_size: dict | None = None
     max_detections: int = 300
     batch_size: int = 4
@@ -183,12 +185,12 @@ def labelset_spec(ontology: Ontology, preset: TeacherPreset, max_pixels: int) ->
 class DetectStage:
     """Ray Data stage: adds ``boxes`` (float32 N*4, xyxy px) and ``scores`` (float32 N*C)."""
 
-    def __init__(self, preset: dict, ontology: dict) -> None:
-        from labeling.detector import GroundingDinoTeacher
+    teacher_class = GroundingDinoTeacher
 
+    def __init__(self, preset: dict, ontology: dict) -> None:
         p = TeacherPreset.from_dict(preset)
         d = p.detector
-        self.teacher = GroundingDinoTeacher(
+        self.teacher = self.teacher_class(
             d.model, Ontology.from_dict(ontology), revision=d.revision, device=p.device, precision=p.precision,
             box_floor=d.box_floor, nms_iou=d.nms_iou, image_size=d.image_size, max_detections=d.max_detections,
         )
@@ -208,12 +210,12 @@ class DetectStage:
 class SegmentStage:
     """Ray Data stage: SAM masks for the detected boxes; returns ROW_SCHEMA columns (pixels dropped)."""
 
-    def __init__(self, preset: dict, num_classes: int) -> None:
-        from labeling.segmenter import SamTeacher
+    teacher_class = SamTeacher
 
+    def __init__(self, preset: dict, num_classes: int) -> None:
         p = TeacherPreset.from_dict(preset)
         s = p.segmenter
-        self.teacher = SamTeacher(
+        self.teacher = self.teacher_class(
             s.model_type, s.checkpoint, device=p.device, precision=p.precision, boxes_per_call=s.boxes_per_call
         )
         self.num_classes = int(num_classes)

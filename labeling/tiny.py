@@ -102,7 +102,7 @@ def write_tiny_teachers(out_dir: str | Path, seed: int = 0, image_size: dict | N
         "detector": {
             "model": "grounding-dino",
             "box_floor": 0.05,
-            "nms_iou": 0.5,
+            "nms_iou": 0.7,
             "image_size": image_size or {"shortest_edge": 320, "longest_edge": 512},
             "max_detections": 100,
             "batch_size": 4,
