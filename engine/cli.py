@@ -53,9 +53,11 @@ def main() -> None:
 @click.option("--ray-address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
 @click.option("--max-pixels", type=int, default=None, help="Images above this many pixels become errors [64000000].")
 @click.option("--shard-size", type=int, default=256, show_default=True, help="Images per Parquet shard.")
+@click.option("--block-size", type=int, default=8, show_default=True, help="Images per decode task (Ray block).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
-def label(sources, classes, ontology_path, store, preset_path, runner, ray_address, max_pixels, shard_size, quiet):
+def label(sources, classes, ontology_path, store, preset_path, runner, ray_address, max_pixels, shard_size,
+          block_size, quiet):
     """Label images with the teachers into a label set of STORE.
 
     SOURCES are folders (searched recursively), text files listing image paths, or COCO
@@ -89,7 +91,8 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
     ls = LabelStore(store).create(labelset_spec(onto, preset, max_pixels), extra={"teachers_preset": preset.to_dict()})
     click.echo(f"label set {ls.id}: {len(paths)} images, {len(onto.classes)} classes, store {store}")
     s = run_label_job(paths, ls, teacher_stages(preset, onto), runner=runner, ray_address=ray_address,
-                      max_pixels=max_pixels, shard_size=shard_size, progress=not quiet)
+                      max_pixels=max_pixels, shard_size=shard_size, decode_batch_size=block_size,
+                      progress=not quiet)
     errors = ", ".join(f"{k} {v}" for k, v in sorted(s.errors.items())) or "none"
     click.echo(
         f"done: {s.processed} images labeled this run ({s.skipped} already in the store), "

@@ -8,6 +8,7 @@ error record with the reason. Nothing here raises for a bad *image*; bad *source
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -160,8 +161,6 @@ def decode(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     image_id = content_id(data)
     if not data:
         return Decoded(path, image_id, 0, 0, None, "empty: zero-byte file")
-    import io
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

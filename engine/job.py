@@ -29,10 +29,35 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import pyarrow as pa
 
 from engine.images import DEFAULT_MAX_PIXELS, decode, error_kind
 from engine.record import ROW_SCHEMA
 from engine.store import LabelSet
+
+#: Columns of a decoded batch. Stages return Arrow tables with explicit types: a batch
+#: whose ``error`` column is all null would otherwise be inferred as another type than
+#: one with strings, and Ray cannot concatenate the blocks.
+DECODED_SCHEMA = pa.schema([
+    ("path", pa.string()), ("image_id", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
+    ("error", pa.string()), ("pixels", pa.binary()),
+])
+
+
+def as_table(columns: dict, schema: pa.Schema) -> pa.Table:
+    """Columns (lists or numpy arrays; ragged fields as lists of 1-D arrays) -> typed Arrow table."""
+    out = {}
+    for f in schema:
+        col = columns[f.name]
+        if pa.types.is_list(f.type):
+            col = [np.asarray(v).tolist() for v in col]
+        out[f.name] = pa.array(list(col), type=f.type)
+    return pa.Table.from_pydict(out, schema=schema)
+
+
+def as_batch(table: pa.Table) -> dict:
+    """Arrow table -> dict of numpy columns, as Ray Data's ``batch_format="numpy"`` gives."""
+    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
 
 
 @dataclass
@@ -76,7 +101,7 @@ def image_of(batch: dict, i: int) -> np.ndarray:
     return np.frombuffer(batch["pixels"][i], dtype=np.uint8).reshape(h, w, 3).copy()
 
 
-def decode_batch(batch: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+def decode_batch(batch: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
     """Decode a batch of ``path`` rows (see module docstring for the columns produced)."""
     out: dict[str, list] = {k: [] for k in ("path", "image_id", "width", "height", "error", "pixels")}
     for path in batch["path"]:
@@ -87,7 +112,7 @@ def decode_batch(batch: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
         out["height"].append(d.height if d.error is None else 0)
         out["error"].append(d.error)
         out["pixels"].append(b"" if d.pixels is None else d.pixels.tobytes())
-    return out
+    return as_table(out, DECODED_SCHEMA)
 
 
 def plan_actor_cpus(total_cpus: float, stages: list[StageSpec]) -> float:
@@ -114,15 +139,14 @@ def _rows(batch: dict) -> Iterable[dict]:
 def _batches_local(paths, stages, max_pixels, decode_batch_size):
     built = [s.cls(**s.kwargs) for s in stages]
     for s in range(0, len(paths), decode_batch_size):
-        batch = decode_batch({"path": paths[s : s + decode_batch_size]}, max_pixels)
+        table = decode_batch({"path": paths[s : s + decode_batch_size]}, max_pixels)
         for stage, spec in zip(built, stages):
-            n = len(batch["path"])
             parts = [
-                stage({k: v[j : j + spec.batch_size] for k, v in batch.items()})
-                for j in range(0, n, spec.batch_size)
+                stage(as_batch(table.slice(j, spec.batch_size)))
+                for j in range(0, table.num_rows, spec.batch_size)
             ]
-            batch = {k: [x for p in parts for x in p[k]] for k in parts[0]}
-        yield batch
+            table = pa.concat_tables(parts)
+        yield as_batch(table)
 
 
 def _batches_ray(paths, stages, max_pixels, decode_batch_size, ray_address):

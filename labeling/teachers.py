@@ -35,8 +35,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from engine.job import StageSpec, image_of
-from engine.record import LabelRecord
+import pyarrow as pa
+
+from engine.job import DECODED_SCHEMA, StageSpec, as_table, image_of
+from engine.record import LabelRecord, rows_to_table
+
+#: Decoded columns plus the detector's boxes (float32 N*4, xyxy px) and scores (float32 N*C).
+DETECTED_SCHEMA = DECODED_SCHEMA.append(pa.field("boxes", pa.list_(pa.float32()))).append(
+    pa.field("scores", pa.list_(pa.float32()))
+)
 from labeling.detector import GroundingDinoTeacher
 from labeling.ontology import Ontology
 from labeling.segmenter import SamTeacher
@@ -196,7 +203,7 @@ class DetectStage:
         )
         self.num_classes = len(self.teacher.ontology.classes)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict) -> pa.Table:
         n = len(batch["path"])
         ok = [i for i in range(n) if batch["error"][i] is None]
         dets = dict(zip(ok, self.teacher([image_of(batch, i) for i in ok])))
@@ -204,7 +211,7 @@ class DetectStage:
         batch = dict(batch)
         batch["boxes"] = [dets[i].boxes.reshape(-1) if i in dets else empty_b for i in range(n)]
         batch["scores"] = [dets[i].scores.reshape(-1) if i in dets else empty_s for i in range(n)]
-        return batch
+        return as_table(batch, DETECTED_SCHEMA)
 
 
 class SegmentStage:
@@ -220,7 +227,7 @@ class SegmentStage:
         )
         self.num_classes = int(num_classes)
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict) -> pa.Table:
         rows = []
         C = self.num_classes
         for i in range(len(batch["path"])):
@@ -236,7 +243,7 @@ class SegmentStage:
                 num_classes=C, boxes=boxes, scores=scores, masks=masks, mask_score=mask_score,
             )
             rows.append(rec.to_row())
-        return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+        return rows_to_table(rows)
 
 
 def teacher_stages(preset: TeacherPreset, ontology: Ontology) -> list[StageSpec]:

@@ -56,17 +56,26 @@ def mask_to_polygon(mask: np.ndarray) -> np.ndarray:
 
 
 def record_to_yolo_lines(rec: LabelRecord, min_score: float = 0.0) -> list[str]:
-    """YOLO-seg label lines (``class x1 y1 ... xn yn``, coordinates normalised to [0, 1])."""
+    """YOLO-seg label lines (``class x1 y1 ... xn yn``, coordinates normalised to [0, 1]).
+
+    A mask too thin for a contour of 3 points (a 1-2 pixel speck or line) is written as
+    the rectangle of its pixels; an empty mask as its box: no instance is dropped.
+    """
     lines = []
     for k in range(rec.num_instances):
         if rec.box_score[k] < min_score or rec.iscrowd[k]:
             continue
         poly = mask_to_polygon(mask_utils.decode(rec.masks[k]))
-        if len(poly) < 3:
-            continue
-        # pixel centres -> continuous coordinates (pixel i spans [i, i+1])
-        xy = (poly + 0.5) / np.array([rec.width, rec.height], np.float32)
-        xy = np.clip(xy, 0.0, 1.0)
+        if len(poly) >= 3:
+            xy = poly + 0.5  # pixel centres -> continuous coordinates (pixel i spans [i, i+1])
+        else:
+            if mask_utils.area(rec.masks[k]):
+                x, y, w, h = mask_utils.toBbox(rec.masks[k])
+                x1, y1, x2, y2 = x, y, x + w, y + h
+            else:
+                x1, y1, x2, y2 = rec.boxes[k]
+            xy = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float32)
+        xy = np.clip(xy / np.array([rec.width, rec.height], np.float32), 0.0, 1.0)
         coords = " ".join(f"{v:.6f}" for v in xy.reshape(-1))
         lines.append(f"{int(rec.scores[k].argmax())} {coords}")
     return lines

@@ -1,0 +1,123 @@
+"""The labeling job on Ray Data: bad inputs are recorded and skipped; kill -9 then rerun equals one run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from engine.job import run_label_job
+from engine.store import LabelStore
+from labeling.ontology import Ontology
+from labeling.teachers import TeacherPreset, labelset_spec, teacher_stages
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def preset_path(tiny_teachers, tmp_path_factory):
+    """Tiny teachers, at most 8 boxes per image, one image per detector forward (bit-reproducible)."""
+    data = yaml.safe_load(Path(tiny_teachers).read_text())
+    data["detector"]["max_detections"] = 8
+    data["detector"]["batch_size"] = 1
+    data["detector"]["model"] = str(Path(tiny_teachers).parent / "grounding-dino")
+    data["segmenter"]["checkpoint"] = str(Path(tiny_teachers).parent / "sam_vit_tiny.pth")
+    p = tmp_path_factory.mktemp("preset") / "teachers.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.fixture(scope="module")
+def pool(coco128, tmp_path_factory):
+    d = tmp_path_factory.mktemp("pool")
+    good = sorted((coco128 / "images").glob("*.jpg"))[:10]
+    for p in good:
+        shutil.copy(p, d / p.name)
+    odd = d / "sub dir" / "ñandú 1.jpg"
+    odd.parent.mkdir()
+    shutil.copy(good[0], odd)  # same bytes as good[0]: a duplicate
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "notes.png").write_text("hello")
+    (d / "cut.jpg").write_bytes(good[1].read_bytes()[:5000])
+    return d
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_job_labels_good_images_and_records_bad_ones(pool, preset_path, tmp_path, ray_local):
+    from engine.images import list_source
+
+    onto = Ontology.from_classes("person,car,giraffe,traffic light")
+    preset = TeacherPreset.load(preset_path)
+    ls = LabelStore(tmp_path).create(labelset_spec(onto, preset, 64_000_000))
+    paths = list_source(pool)
+    s = run_label_job(paths, ls, teacher_stages(preset, onto), runner="ray", shard_size=4, progress=False)
+    assert s.processed == len(paths) == 14
+    assert dict(s.errors) == {"empty": 1, "not-an-image": 1, "truncated": 1, "duplicate": 1}
+    assert s.labeled == 10
+    recs = {Path(r.path).name: r for r in ls.iter_records()}
+    assert len(recs) == 14
+    assert recs["ñandú 1.jpg"].error.startswith("duplicate: same bytes as")
+    for r in recs.values():
+        if r.error is None:
+            assert 0 < r.num_instances <= 8 and r.scores.shape[1] == 4
+            assert all(m["size"] == [r.height, r.width] for m in r.masks)
+    # a rerun finds everything done
+    again = run_label_job(paths, ls, teacher_stages(preset, onto), runner="ray", shard_size=4, progress=False)
+    assert again.skipped == 14 and again.processed == 0 and ls.counts().images == 14
+
+
+def label_cmd(pool, store, preset_path):
+    exe = Path(sys.executable).parent / "distillery"
+    return [str(exe), "label", str(pool), "--classes", "person,car,giraffe", "--store", str(store),
+            "--teachers", str(preset_path), "--shard-size", "2", "--block-size", "2", "--quiet"]
+
+
+def snapshot(store):
+    (ls,) = LabelStore(store).labelsets()
+    recs = sorted(ls.iter_records(), key=lambda r: r.path)
+    return ls, recs
+
+
+def test_kill_9_then_rerun_equals_an_uninterrupted_run(pool, preset_path, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    full = tmp_path / "full"
+    subprocess.run(label_cmd(pool, full, preset_path), check=True, env=env, capture_output=True)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(label_cmd(pool, cut, preset_path), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = cut / "labelsets"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(shards.glob("*/shards/*.parquet")):
+        assert proc.poll() is None, "job ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(list(shards.glob("*/shards/*.parquet")))
+    assert 1 <= partial < 7, "interrupted mid-run"
+    out = subprocess.run(label_cmd(pool, cut, preset_path), check=True, env=env, capture_output=True, text=True)
+    assert "already in the store" in out.stdout
+    ls_full, a = snapshot(full)
+    ls_cut, b = snapshot(cut)
+    assert ls_full.id == ls_cut.id
+    assert [r.path for r in a] == [r.path for r in b] and len(a) == 14  # nothing lost, nothing duplicated
+    for x, y in zip(a, b):
+        assert (x.image_id, x.error, x.num_instances) == (y.image_id, y.error, y.num_instances)
+        np.testing.assert_array_equal(x.boxes, y.boxes)
+        np.testing.assert_array_equal(x.scores, y.scores)
+        assert [m["counts"] for m in x.masks] == [m["counts"] for m in y.masks]

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from engine.record import LabelRecord, RecordError
+from engine.store import LabelStore, StoreError, fingerprint
+
+
+def rec(path, image_id, n=2, C=3, h=20, w=30):
+    m = np.zeros((h, w, n), np.uint8, order="F")
+    m[2:8, 3:9] = 1
+    rles = mask_utils.encode(np.asfortranarray(m))
+    return LabelRecord(
+        image_id=image_id, path=path, width=w, height=h, num_classes=C,
+        boxes=np.tile([3, 2, 9, 8], (n, 1)), scores=np.full((n, C), 0.25), masks=[dict(r) for r in rles],
+        mask_score=np.full(n, 0.9),
+    )
+
+
+def test_record_validation_and_row_round_trip():
+    r = rec("a.jpg", "x")
+    back = LabelRecord.from_row(r.to_row(), 3)
+    for f in ("boxes", "scores", "box_score", "mask_score", "iscrowd"):
+        np.testing.assert_array_equal(getattr(back, f), getattr(r, f))
+    assert [m["counts"] for m in back.masks] == [m["counts"] for m in r.masks]
+    assert r.box_score.tolist() == [0.25, 0.25]  # max over scores by default
+    with pytest.raises(RecordError, match=r"expected shape \(2, 3\)"):
+        LabelRecord("x", "a.jpg", 30, 20, 3, boxes=np.zeros((2, 4)), scores=np.zeros((2, 4)), masks=[])
+    with pytest.raises(RecordError, match="clipped"):
+        LabelRecord("x", "a.jpg", 30, 20, 1, boxes=[[0, 0, 31, 5]], masks=r.masks[:1])
+    with pytest.raises(RecordError, match="mask size"):
+        LabelRecord("x", "a.jpg", 31, 20, 1, boxes=[[0, 0, 3, 5]], masks=r.masks[:1])
+    with pytest.raises(RecordError, match=r"\[0, 1\]"):
+        LabelRecord("x", "a.jpg", 30, 20, 1, boxes=[[0, 0, 3, 5]], scores=[[1.5]], masks=r.masks[:1])
+    empty = LabelRecord("x", "a.jpg", 30, 20, 5)
+    assert empty.boxes.shape == (0, 4) and empty.scores.shape == (0, 5)
+    assert LabelRecord.from_row(empty.to_row(), 5).num_instances == 0
+
+
+def test_store_writes_atomic_shards_dedups_and_resumes(tmp_path):
+    store = LabelStore(tmp_path / "s")
+    spec = {"ontology": {"classes": ["a", "b", "c"], "prompts": [["a", "a"], ["b", "b"], ["c", "c"]]}}
+    ls = store.create(spec)
+    assert ls.id == fingerprint(spec) and store.create(spec).id == ls.id
+    assert store.create({**spec, "thresholds": {"box_floor": 0.1}}).id != ls.id
+    with ls.writer(shard_size=2) as w:
+        w.add(rec("a.jpg", "1").to_row())
+        w.add(rec("b.jpg", "2").to_row())
+        dup = w.add(rec("copy-of-a.jpg", "1").to_row())
+        assert dup["error"] == "duplicate: same bytes as a.jpg"
+        assert len(ls.shards()) == 1  # the third row waits in the buffer
+        with pytest.raises(StoreError, match="another job"):
+            ls.writer(2)
+    assert len(ls.shards()) == 2 and not list(ls.shard_dir.glob(".tmp-*"))
+    c = ls.counts()
+    assert (c.images, c.labeled, c.instances, dict(c.errors)) == (3, 2, 4, {"duplicate": 1})
+    with ls.writer(shard_size=2) as w:
+        assert w.done_paths == {"a.jpg", "b.jpg", "copy-of-a.jpg"}
+        assert w.add(rec("again.jpg", "2").to_row())["error"].startswith("duplicate")
+    recs = {r.path: r for r in ls.iter_records()}
+    np.testing.assert_array_equal(recs["a.jpg"].boxes, rec("a.jpg", "1").boxes)
+
+
+def test_open_and_errors(tmp_path):
+    store = LabelStore(tmp_path)
+    with pytest.raises(StoreError, match="no label sets"):
+        store.open()
+    a = store.create({"ontology": {"classes": ["a"], "prompts": [["a", "a"]]}})
+    b = store.create({"ontology": {"classes": ["b"], "prompts": [["b", "b"]]}})
+    with pytest.raises(StoreError, match="choose one with --labelset"):
+        store.open()
+    assert store.open(b.id[:8]).id == b.id and store.open(a.id).id == a.id
+    with pytest.raises(StoreError, match="not found"):
+        store.open("ls-nope")

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from engine.store import LabelStore
+from labeling.coco import CocoError, align_to_gt, import_coco, records_to_coco, segmentation_to_rle
+from labeling.yolo import export_yolo_seg, mask_to_polygon
+
+
+@pytest.fixture(scope="module")
+def imported(coco128, tmp_path_factory):
+    store = LabelStore(tmp_path_factory.mktemp("store"))
+    ls, stats = import_coco(store, str(coco128 / "annotations.json"), str(coco128 / "images"))
+    return ls, stats
+
+
+def coco_eval(gt_coco, results, iou_type):
+    gt = COCO()
+    gt.dataset = gt_coco
+    gt.createIndex()
+    ev = COCOeval(gt, gt.loadRes(results), iou_type)
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+    return ev.stats
+
+
+def test_import_keeps_everything_and_crowds(imported, coco128_gt):
+    ls, stats = imported
+    assert stats["images"] == 128 and stats["errors"] == 0
+    assert stats["instances"] == len(coco128_gt["annotations"]) == 939
+    assert stats["crowd"] == sum(a["iscrowd"] for a in coco128_gt["annotations"]) == 10
+    assert ls.classes == [c["name"] for c in sorted(coco128_gt["categories"], key=lambda c: c["id"])]
+    recs = list(ls.iter_records())
+    assert sum(r.iscrowd.sum() for r in recs) == 10
+    assert all(((r.scores == 0) | (r.scores == 1)).all() and (r.scores.sum(1) == 1).all() for r in recs)
+
+
+def test_import_export_coco_evaluates_to_ap_1(imported, coco128_gt, tmp_path):
+    ls, _ = imported
+    pred = records_to_coco(ls.iter_records(), ls.classes)
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(pred))
+    loaded = COCO(str(path))  # a valid instances file for pycocotools
+    assert len(loaded.getAnnIds()) == 939
+    box = coco_eval(coco128_gt, align_to_gt(pred, coco128_gt, "bbox"), "bbox")
+    segm = coco_eval(coco128_gt, align_to_gt(pred, coco128_gt, "segm"), "segm")
+    assert box[0] == pytest.approx(1.0, abs=1e-6) and segm[0] == pytest.approx(1.0, abs=1e-6)
+    # masks are the GT masks exactly
+    gt = COCO()
+    gt.dataset = coco128_gt
+    gt.createIndex()
+    for a in pred["annotations"][:200]:
+        im = next(i for i in pred["images"] if i["id"] == a["image_id"])
+        gid = next(i["id"] for i in coco128_gt["images"] if im["file_name"].endswith(i["file_name"]))
+        best = max(mask_utils.iou([a["segmentation"]], [segmentation_to_rle(g["segmentation"], im["height"], im["width"])
+                                                         for g in gt.imgToAnns[gid]], [0] * len(gt.imgToAnns[gid]))[0])
+        assert best == pytest.approx(1.0)
+
+
+def test_reimport_adds_nothing(imported, coco128):
+    ls, _ = imported
+    store = LabelStore(ls.root.parent.parent)
+    again, stats = import_coco(store, str(coco128 / "annotations.json"), str(coco128 / "images"))
+    assert again.id == ls.id and stats["added"] == 0 and ls.counts().images == 128
+
+
+def test_yolo_seg_export_round_trips_masks(imported, tmp_path):
+    ls, _ = imported
+    counts = export_yolo_seg(ls, tmp_path / "yolo", val_fraction=0.2)
+    data = yaml.safe_load((tmp_path / "yolo" / "data.yaml").read_text())
+    assert data["names"][0] == "person" and len(data["names"]) == 80
+    assert counts["train"] + counts["val"] == 128 and counts["val"] > 0
+    assert counts["instances"] == 939 - 10  # crowds have no YOLO form
+    ious = []
+    recs = {r.path.rsplit("/", 1)[1].rsplit(".", 1)[0]: r for r in ls.iter_records()}
+    for split in ("train", "val"):
+        for lbl in (tmp_path / "yolo" / "labels" / split).glob("*.txt"):
+            rec = recs[lbl.stem]
+            assert (tmp_path / "yolo" / "images" / split / f"{lbl.stem}.jpg").is_file()
+            keep = [k for k in range(rec.num_instances) if not rec.iscrowd[k]]
+            lines = lbl.read_text().splitlines()
+            assert len(lines) == len(keep)
+            for k, line in zip(keep, lines):
+                v = line.split()
+                assert int(v[0]) == int(rec.scores[k].argmax())
+                xy = np.array(v[1:], float).reshape(-1, 2) * [rec.width, rec.height]
+                rle = mask_utils.merge(mask_utils.frPyObjects([xy.reshape(-1).tolist()], rec.height, rec.width))
+                ious.append(mask_utils.iou([rle], [rec.masks[k]], [0])[0, 0])
+    ious = np.array(ious)
+    assert np.median(ious) >= 0.9, np.median(ious)
+
+
+def test_polygon_of_ring_and_two_parts():
+    m = np.zeros((40, 60), np.uint8)
+    m[5:15, 5:15] = 1
+    m[20:35, 30:55] = 1
+    poly = mask_to_polygon(m)
+    assert poly.shape[1] == 2 and len(poly) > 8
+    assert mask_to_polygon(np.zeros((5, 5), np.uint8)).shape == (0, 2)
+
+
+def test_bad_coco(tmp_path):
+    with pytest.raises(CocoError, match="malformed|fewer than 3"):
+        segmentation_to_rle([[1, 2]], 10, 10)
+    with pytest.raises(CocoError, match="size"):
+        segmentation_to_rle({"size": [5, 5], "counts": "abc"}, 10, 10)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(CocoError, match="invalid JSON"):
+        import_coco(LabelStore(tmp_path / "s"), str(bad), str(tmp_path))
