@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from engine.images import DEFAULT_MAX_PIXELS
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_PRESET = Path(__file__).resolve().parent.parent / "configs" / "teachers" / "default.yaml"
@@ -51,7 +53,8 @@ def main() -> None:
 @click.option("--runner", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
               help="ray: Ray Data pipeline; local: same stages in this process.")
 @click.option("--ray-address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
-@click.option("--max-pixels", type=int, default=None, help="Images above this many pixels become errors [64000000].")
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Images above this many pixels become error records.")
 @click.option("--shard-size", type=int, default=256, show_default=True, help="Images per Parquet shard.")
 @click.option("--block-size", type=int, default=8, show_default=True, help="Images per decode task (Ray block).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -69,13 +72,11 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
       distillery label ../shared/data/coco128/images --classes "person,car,dog" \\
           --store store/ --teachers teachers/teachers.yaml
     """
-    from engine.images import DEFAULT_MAX_PIXELS
+    from engine.images import list_sources
     from engine.job import run_label_job
     from engine.store import LabelStore
-    from labeling.ontology import Ontology
+    from labeling.ontology import Ontology, OntologyError
     from labeling.teachers import PresetError, TeacherPreset, labelset_spec, teacher_stages
-    from engine.images import list_sources
-    from labeling.ontology import OntologyError
 
     if bool(classes) == bool(ontology_path):
         raise UserError("give exactly one of --classes or --ontology")
@@ -84,7 +85,6 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
         preset = TeacherPreset.load(preset_path)
     except (OntologyError, PresetError) as e:
         raise UserError(str(e)) from e
-    max_pixels = max_pixels or DEFAULT_MAX_PIXELS
     paths = list_sources(sources)
     if not paths:
         raise UserError(f"no images found in {', '.join(sources)} (suffixes .jpg .jpeg .png .bmp .webp .tif .gif)")

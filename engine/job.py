@@ -115,19 +115,25 @@ def decode_batch(batch: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
     return as_table(out, DECODED_SCHEMA)
 
 
-def plan_actor_cpus(total_cpus: float, stages: list[StageSpec]) -> float:
-    """CPUs per actor on a CPU-only cluster so that the pools leave at least a quarter of the cluster (at
-    least 0.5 CPU) free for decode tasks."""
+def plan_actor_cpus(total_cpus: float, node_cpus: float, stages: list[StageSpec]) -> float:
+    """CPUs to reserve per actor on a CPU-only cluster.
+
+    The actor pools together leave a quarter of the cluster (at least 0.5 CPU) to the
+    decode tasks, and no actor asks for more than one node has (it would never be placed).
+    The figure is rounded down to 0.01 CPU.
+
+    Raises:
+        ValueError: the actors cannot fit with room left for decoding.
+    """
     n = sum(s.actors for s in stages)
     if n == 0:
         return 1.0
-    free = max(0.5, total_cpus * 0.25)
-    per = (total_cpus - free) / n
-    if per <= 0.05:
+    per = (total_cpus - max(0.5, total_cpus * 0.25)) / n
+    if per < 0.05:
         raise ValueError(
-            f"{n} CPU actors do not fit in {total_cpus} CPUs with room for decoding; lower the actor counts"
+            f"{n} teacher actors do not fit in {total_cpus:g} CPUs with room for decoding; lower the actor counts"
         )
-    return min(1.0, per) if total_cpus < 4 else math.floor(per * 100) / 100
+    return math.floor(min(per, node_cpus) * 100) / 100
 
 
 def _rows(batch: dict) -> Iterable[dict]:
@@ -162,10 +168,14 @@ def _batches_ray(paths, stages, max_pixels, decode_batch_size, ray_address):
     ctx.enable_progress_bars = False
     resources = ray.cluster_resources()
     total_cpus, has_gpu = float(resources.get("CPU", 1)), resources.get("GPU", 0) > 0
-    actor_cpus = plan_actor_cpus(total_cpus, stages)
+    node_cpus = max(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+    actor_cpus = plan_actor_cpus(total_cpus, node_cpus, stages)
     # one block per decode batch: the unit of streaming and of backpressure
-    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, math.ceil(len(paths) / decode_batch_size)))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"max_pixels": max_pixels}, batch_size=decode_batch_size, num_cpus=0.5)
+    blocks = max(1, math.ceil(len(paths) / decode_batch_size))
+    ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
+    # num_cpus differs from the actors', so Ray does not fuse decoding into the actors
+    ds = ds.map_batches(decode_batch, fn_kwargs={"max_pixels": max_pixels}, batch_size=decode_batch_size,
+                        num_cpus=0.5)
     for spec in stages:
         gpu = spec.wants_gpu and has_gpu
         ds = ds.map_batches(

@@ -39,11 +39,12 @@ def val_split(image_id: str, val_fraction: float) -> bool:
 def mask_to_polygon(mask: np.ndarray) -> np.ndarray:
     """bool/uint8 ``(H, W)`` mask -> float32 ``(K, 2)`` polygon (x, y pixels) of its outer outline(s).
 
-    Outer contours (``cv2.findContours``, ``RETR_EXTERNAL``, no approximation); several
+    Outer contours (``cv2.findContours``, ``RETR_EXTERNAL``, ``CHAIN_APPROX_SIMPLE``: only the
+    end points of straight runs, which loses nothing for pixel outlines); several
     parts are merged with ``ultralytics.data.converter.merge_multi_segment``. Empty mask ->
     ``(0, 2)``. Contour points are pixel centres; add 0.5 to compare with pixel edges.
     """
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     parts = [c.reshape(-1, 2).astype(np.float32) for c in contours if len(c) >= 3]
     if not parts:
         return np.zeros((0, 2), np.float32)

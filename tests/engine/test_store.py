@@ -74,3 +74,4 @@ def test_open_and_errors(tmp_path):
     assert store.open(b.id[:8]).id == b.id and store.open(a.id).id == a.id
     with pytest.raises(StoreError, match="not found"):
         store.open("ls-nope")
+
