@@ -73,7 +73,7 @@ def bare(preset: TeacherPreset, onto: Ontology, paths: list[str]) -> float:
 
 def end_to_end(preset_path: Path, onto: Ontology, paths: list[str], store: Path) -> float:
     preset = TeacherPreset.load(preset_path)
-    ls = LabelStore(store).create(labelset_spec(onto, preset, 64_000_000))
+    ls = LabelStore(store).create(labelset_spec(onto, preset))
     s = run_label_job(paths, ls, teacher_stages(preset, onto), runner="ray", progress=False)
     return s.processed / s.seconds
 

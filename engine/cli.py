@@ -28,7 +28,7 @@ def _fail_cleanly(fn):
         from engine.images import SourceError
         from engine.store import StoreError
 
-        user_errors = (SourceError, StoreError, FileNotFoundError, ValueError)
+        user_errors = (SourceError, StoreError, FileNotFoundError, FileExistsError, ValueError)
         try:
             return fn(*args, **kwargs)
         except user_errors as e:
@@ -53,10 +53,10 @@ def main() -> None:
 @click.option("--runner", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
               help="ray: Ray Data pipeline; local: same stages in this process.")
 @click.option("--ray-address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
-@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Images above this many pixels become error records.")
-@click.option("--shard-size", type=int, default=256, show_default=True, help="Images per Parquet shard.")
-@click.option("--block-size", type=int, default=8, show_default=True, help="Images per decode task (Ray block).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per Parquet shard.")
+@click.option("--block-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per decode task (Ray block).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_fail_cleanly
 def label(sources, classes, ontology_path, store, preset_path, runner, ray_address, max_pixels, shard_size,
@@ -83,13 +83,16 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
     try:
         onto = Ontology.from_classes(classes) if classes else Ontology.load(ontology_path)
         preset = TeacherPreset.load(preset_path)
+        chunks = preset.check_detector(onto, preset_path)
     except (OntologyError, PresetError) as e:
-        raise UserError(str(e)) from e
+        where = f"{ontology_path}: " if ontology_path and isinstance(e, OntologyError) and ontology_path not in str(e) else ""
+        raise UserError(where + str(e)) from e
     paths = list_sources(sources)
     if not paths:
         raise UserError(f"no images found in {', '.join(sources)} (suffixes .jpg .jpeg .png .bmp .webp .tif .gif)")
-    ls = LabelStore(store).create(labelset_spec(onto, preset, max_pixels), extra={"teachers_preset": preset.to_dict()})
-    click.echo(f"label set {ls.id}: {len(paths)} images, {len(onto.classes)} classes, store {store}")
+    ls = LabelStore(store).create(labelset_spec(onto, preset), extra={"teachers_preset": preset.to_dict()})
+    click.echo(f"label set {ls.id}: {len(paths)} images, {len(onto.classes)} classes in {chunks} prompt "
+               f"chunk(s), store {store}")
     s = run_label_job(paths, ls, teacher_stages(preset, onto), runner=runner, ray_address=ray_address,
                       max_pixels=max_pixels, shard_size=shard_size, decode_batch_size=block_size,
                       progress=not quiet)
@@ -99,6 +102,19 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
         f"{s.labeled} with labels, {s.instances} instances; errors: {errors}; "
         f"{s.images_per_second:.2f} images/s over {s.seconds:.1f} s"
     )
+    _echo_store_totals(ls)
+
+
+def _echo_store_totals(ls, show: int = 10) -> None:
+    c = ls.counts()
+    errors = ", ".join(f"{k} {v}" for k, v in sorted(c.errors.items())) or "none"
+    click.echo(f"label set {ls.id} now holds {c.images} images: {c.labeled} labeled, {c.instances} instances, "
+               f"errors: {errors}")
+    errs = ls.errors()
+    for path, reason in errs[:show]:
+        click.echo(f"  {path}: {reason}")
+    if len(errs) > show:
+        click.echo(f"  ... {len(errs) - show} more: distillery labels info --store STORE --errors")
 
 
 @main.group()
@@ -109,8 +125,9 @@ def labels() -> None:
 @labels.command("info")
 @click.option("--store", required=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--errors", "list_errors", is_flag=True, help="Also list every error record: path and reason.")
 @_fail_cleanly
-def labels_info(store, as_json):
+def labels_info(store, as_json, list_errors):
     """List the label sets of STORE with their counts.
 
     \b
@@ -127,6 +144,7 @@ def labels_info(store, as_json):
             "labelset": ls.id, "kind": ls.manifest.get("kind"), "created": ls.manifest.get("created"),
             "classes": len(ls.classes), "images": c.images, "labeled": c.labeled, "instances": c.instances,
             "errors": dict(c.errors), "teachers": det,
+            **({"error_records": [{"path": p, "error": e} for p, e in ls.errors()]} if list_errors else {}),
         })
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -141,6 +159,8 @@ def labels_info(store, as_json):
             f"{r['labelset']}  {r['kind']:<7} {r['created']}  {r['classes']} classes  {r['images']} images "
             f"({r['labeled']} labeled, {r['instances']} instances, errors: {errs})  from {who}"
         )
+        for e in r.get("error_records", []):
+            click.echo(f"  {e['path']}: {e['error']}")
 
 
 @labels.command("export")
@@ -149,9 +169,11 @@ def labels_info(store, as_json):
 @click.option("--format", "fmt", type=click.Choice(["coco", "yolo-seg"]), required=True)
 @click.option("--out", required=True, type=click.Path(), help="coco: a .json file; yolo-seg: a directory.")
 @click.option("--min-score", type=float, default=0.0, show_default=True, help="Drop instances below this box score.")
-@click.option("--val-fraction", type=float, default=0.1, show_default=True, help="yolo-seg: share of images in val.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="yolo-seg: share of images in val.")
+@click.option("--overwrite", is_flag=True, help="yolo-seg: replace the images/ and labels/ of an existing OUT.")
 @_fail_cleanly
-def labels_export(store, labelset, fmt, out, min_score, val_fraction):
+def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite):
     """Export a label set as a COCO instances file or an ultralytics YOLO-seg dataset.
 
     \b
@@ -172,7 +194,7 @@ def labels_export(store, labelset, fmt, out, min_score, val_fraction):
     else:
         from labeling.yolo import export_yolo_seg
 
-        c = export_yolo_seg(ls, out, val_fraction, min_score)
+        c = export_yolo_seg(ls, out, val_fraction, min_score, overwrite=overwrite)
         click.echo(f"wrote {out}: {c['train']} train / {c['val']} val images, {c['instances']} instances from {ls.id}")
 
 
@@ -196,9 +218,10 @@ def labels_import(coco_path, images_dir, store):
     except CocoError as e:
         raise UserError(str(e)) from e
     click.echo(
-        f"label set {ls.id}: {st['images']} images ({st['added']} added), {st['instances']} instances "
-        f"({st['crowd']} crowd), {st['errors']} errors, {st['box_masks']} box-only masks"
+        f"imported {st['images']} images ({st['added']} added), {st['instances']} instances "
+        f"({st['crowd']} crowd), {st['box_masks']} box-only masks"
     )
+    _echo_store_totals(ls)
 
 
 @main.group()

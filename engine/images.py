@@ -50,7 +50,9 @@ def list_source(source: str | os.PathLike) -> list[str]:
     p = Path(source).expanduser()
     if p.is_dir():
         found = [
-            str(f.absolute()) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+            # broken symlinks are kept: they become "missing" error records, not silent gaps
+            str(f.absolute()) for f in p.rglob("*")
+            if f.suffix.lower() in IMAGE_SUFFIXES and (f.is_file() or (f.is_symlink() and not f.exists()))
         ]
         return sorted(found)
     if not p.is_file():
@@ -156,6 +158,8 @@ def decode(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
             data = f.read()
     except FileNotFoundError:
         return Decoded(path, "", 0, 0, None, "missing: file not found")
+    except IsADirectoryError:
+        return Decoded(path, "", 0, 0, None, "unreadable: a directory, not an image (list image files, or give the folder as a source)")
     except OSError as e:
         return Decoded(path, "", 0, 0, None, f"unreadable: {e.strerror or e}")
     image_id = content_id(data)
@@ -169,7 +173,7 @@ def decode(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
             if w * h > max_pixels:
                 return Decoded(
                     path, image_id, w, h, None,
-                    f"too-large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels} (raise max_pixels to label it)",
+                    f"too-large: {w}x{h} = {w * h} pixels > max_pixels {max_pixels} (rerun with a larger --max-pixels to label it)",
                 )
             im.load()
     except UnidentifiedImageError:
@@ -180,7 +184,8 @@ def decode(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         return Decoded(path, image_id, 0, 0, None, f"too-large: {e}")
     except (OSError, SyntaxError, ValueError) as e:
         msg = str(e)
-        kind = "truncated" if "truncated" in msg or "broken data stream" in msg else "decode-failed"
+        low = msg.lower()
+        kind = "truncated" if "truncat" in low or "broken data stream" in low else "decode-failed"
         return Decoded(path, image_id, 0, 0, None, f"{kind}: {msg}")
     try:
         im = ImageOps.exif_transpose(im)
@@ -194,3 +199,10 @@ def decode(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
 def error_kind(error: str) -> str:
     """The reason kind of an error string (text before the first colon)."""
     return error.split(":", 1)[0]
+
+
+#: Error kinds a rerun tries again (the file may have been fixed, or ``max_pixels``
+#: raised); ``duplicate`` is a resolved state, not a failure, and is kept.
+RETRYABLE_ERRORS = frozenset(
+    {"missing", "unreadable", "empty", "not-an-image", "truncated", "too-large", "decode-failed"}
+)

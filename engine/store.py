@@ -8,9 +8,13 @@ Layout::
 
 Shards are written whole under a temporary name, then renamed (``os.replace`` is atomic
 on POSIX), so a crash -- ``kill -9`` included -- loses at most the shard in flight and
-never leaves a partial one visible. Every input path ends as exactly one row; a rerun
-skips the paths already stored, so it resumes where it stopped. Label sets are never
-overwritten: a different ontology, teacher or setting has a different id.
+never leaves a partial one visible. Shard names start with a nanosecond timestamp, so
+name order is write order. Every input path ends as one live row; a rerun skips the
+paths already stored, so it resumes where it stopped, and tries again the paths whose
+row is a retryable error (:data:`engine.images.RETRYABLE_ERRORS`: the file may have been
+fixed). The new row supersedes the old one: readers see the last row of each path.
+Label sets are never overwritten: a different ontology, teacher or setting has a
+different id.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.images import error_kind
+from engine.images import RETRYABLE_ERRORS, error_kind
 from engine.record import ROW_SCHEMA, SCHEMA_VERSION, LabelRecord, rows_to_table
 
 
@@ -88,19 +92,44 @@ class LabelSet:
     def shards(self) -> list[Path]:
         return sorted(self.shard_dir.glob("*.parquet")) if self.shard_dir.is_dir() else []
 
+    def _live(self) -> list[tuple[Path, list[int] | None]]:
+        """Per shard, the indices of its live rows (None: all): a row is superseded by a later
+        row of the same path (a retried error)."""
+        shards = self.shards()
+        last: dict[str, tuple[int, int]] = {}
+        sizes = []
+        for si, p in enumerate(shards):
+            paths = pq.read_table(p, columns=["path"]).column(0).to_pylist()
+            sizes.append(len(paths))
+            for ri, path in enumerate(paths):
+                last[path] = (si, ri)
+        keep: list[list[int]] = [[] for _ in shards]
+        for si, ri in last.values():
+            keep[si].append(ri)
+        return [(p, None if len(k) == n else sorted(k)) for p, k, n in zip(shards, keep, sizes)]
+
+    def _read(self, path: Path, rows: list[int] | None, columns: list[str] | None = None) -> pa.Table:
+        t = pq.read_table(path, columns=columns)
+        return t if rows is None else t.take(pa.array(rows, type=pa.int64()))
+
     def read_columns(self, columns: list[str]) -> pa.Table:
-        """The named columns of every shard, concatenated (empty table if none)."""
-        tables = [pq.read_table(p, columns=columns) for p in self.shards()]
+        """The named columns of every live row, concatenated (empty table if none)."""
+        tables = [self._read(p, rows, columns) for p, rows in self._live()]
         if not tables:
             return pa.Table.from_pylist([], schema=pa.schema([ROW_SCHEMA.field(c) for c in columns]))
         return pa.concat_tables(tables)
 
     def iter_records(self) -> Iterator[LabelRecord]:
-        """Every record, shard by shard (memory: one shard at a time)."""
+        """Every live record, shard by shard (memory: one shard at a time)."""
         C = len(self.classes)
-        for p in self.shards():
-            for row in pq.read_table(p).to_pylist():
+        for p, rows in self._live():
+            for row in self._read(p, rows).to_pylist():
                 yield LabelRecord.from_row(row, C)
+
+    def errors(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of every live error record."""
+        t = self.read_columns(["path", "error"])
+        return [(p, e) for p, e in zip(t.column("path").to_pylist(), t.column("error").to_pylist()) if e is not None]
 
     def counts(self) -> LabelSetCounts:
         t = self.read_columns(["error", "box_score"])
@@ -142,10 +171,10 @@ class LabelSetWriter:
         for tmp in self.ls.shard_dir.glob(".tmp-*"):
             tmp.unlink()  # a shard in flight when a previous job died
         done = self.ls.read_columns(["path", "image_id", "error"])
-        self.done_paths: set[str] = set(done.column("path").to_pylist())
-        self._first_path: dict[str, str] = {
-            i: p for i, p, e in zip(*(done.column(c).to_pylist() for c in ("image_id", "path", "error"))) if e is None
-        }
+        rows = list(zip(*(done.column(c).to_pylist() for c in ("path", "image_id", "error"))))
+        #: paths whose live row is final (labels, a duplicate); retryable errors are not
+        self.done_paths: set[str] = {p for p, _, e in rows if e is None or error_kind(e) not in RETRYABLE_ERRORS}
+        self._first_path: dict[str, str] = {i: p for p, i, e in rows if e is None}
         self._rows: list[dict] = []
         self.written = 0
 
@@ -167,7 +196,7 @@ class LabelSetWriter:
         if not self._rows:
             return
         table = rows_to_table(self._rows)
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.parquet"
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
         tmp = self.ls.shard_dir / f".tmp-{name}"
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb+") as f:

@@ -103,6 +103,43 @@ def segmentation_to_rle(segm, height: int, width: int) -> dict:
     return {"size": [int(height), int(width)], "counts": rle["counts"]}
 
 
+def validate_coco(coco: dict) -> None:
+    """Check the structure an instances file needs before anything is imported.
+
+    Raises:
+        CocoError: naming the first offending entry: a missing ``images``, ``annotations``
+            or ``categories`` list; an image without ``id``/``file_name``/``width``/``height``;
+            an annotation without ``image_id``/``category_id``/``bbox`` of 4 numbers, or whose
+            image or category id is not defined.
+    """
+    if not isinstance(coco, dict):
+        raise CocoError("not a COCO instances file: the top level must be an object")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(coco.get(key), list):
+            raise CocoError(f"not a COCO instances file: missing the '{key}' list")
+    for c in coco["categories"]:
+        if not isinstance(c, dict) or "id" not in c or "name" not in c:
+            raise CocoError(f"category {c!r} needs 'id' and 'name'")
+    for im in coco["images"]:
+        missing = [k for k in ("id", "file_name", "width", "height") if not isinstance(im, dict) or k not in im]
+        if missing:
+            raise CocoError(f"image {im.get('id', im) if isinstance(im, dict) else im!r} lacks {', '.join(missing)}")
+    image_ids = {im["id"] for im in coco["images"]}
+    cat_ids = {c["id"] for c in coco["categories"]}
+    for a in coco["annotations"]:
+        aid = a.get("id", "?") if isinstance(a, dict) else a
+        missing = [k for k in ("image_id", "category_id", "bbox") if not isinstance(a, dict) or k not in a]
+        if missing:
+            raise CocoError(f"annotation {aid} lacks {', '.join(missing)}")
+        if a["image_id"] not in image_ids:
+            raise CocoError(f"annotation {aid} refers to image_id {a['image_id']}, which 'images' does not define")
+        if a["category_id"] not in cat_ids:
+            raise CocoError(f"annotation {aid} refers to category_id {a['category_id']}, which 'categories' does not define")
+        bb = a["bbox"]
+        if not (isinstance(bb, list) and len(bb) == 4 and all(isinstance(v, (int, float)) for v in bb)):
+            raise CocoError(f"annotation {aid}: bbox must be [x, y, width, height], got {bb!r}")
+
+
 def coco_to_records(coco: dict, images_dir: str | os.PathLike, classes: list[str] | None = None):
     """COCO instances dict -> (ontology classes, label records) with score 1.0, one-hot soft
     vectors, ``mask_score`` 1.0 and ``iscrowd`` kept.
@@ -119,11 +156,9 @@ def coco_to_records(coco: dict, images_dir: str | os.PathLike, classes: list[str
         CocoError: the dict lacks ``images``/``annotations``/``categories``, or two
             categories share a name.
     """
-    try:
-        cats = sorted(coco["categories"], key=lambda c: c["id"])
-        images, anns = coco["images"], coco["annotations"]
-    except (KeyError, TypeError) as e:
-        raise CocoError(f"not a COCO instances file: missing {e}") from e
+    validate_coco(coco)
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    images, anns = coco["images"], coco["annotations"]
     names = [c["name"] for c in cats]
     if len(set(names)) != len(names):
         raise CocoError("two categories share a name; class names must be unique")

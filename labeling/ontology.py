@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 #: Token ids the Grounding DINO text encoder treats as phrase delimiters
 #: ([CLS], [SEP], ".", "?" in the BERT-uncased vocabulary; transformers
@@ -97,13 +96,15 @@ class Ontology:
         Raises:
             OntologyError: the file is missing or not valid YAML of those shapes.
         """
+        from engine.config import ConfigError, load_yaml
+
         p = Path(path)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as e:
-            raise OntologyError(f"ontology file {str(p)!r} not found") from e
-        except yaml.YAMLError as e:
-            raise OntologyError(f"{p}: invalid YAML ({e})") from e
+            data = load_yaml(p, "ontology")
+        except ConfigError as e:
+            raise OntologyError(str(e)) from e
+        if data is None:
+            raise OntologyError(f"{p}: the ontology file is empty; write one 'prompt: class' per line")
         if isinstance(data, dict) and set(data) == {"ontology"}:
             data = data["ontology"]
         return cls.from_mapping(data, source=str(p))

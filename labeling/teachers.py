@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 import pyarrow as pa
 
@@ -88,17 +87,21 @@ class TeacherPreset:
         Raises:
             PresetError: missing file, invalid YAML, unknown keys, wrong types.
         """
+        from engine.config import ConfigError, load_yaml
+
         p = Path(path).expanduser()
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError as e:
-            raise PresetError(f"teachers preset {str(p)!r} not found (see configs/teachers/)") from e
-        except yaml.YAMLError as e:
-            raise PresetError(f"{p}: invalid YAML ({e})") from e
-        return cls.from_dict(data, base=p.parent, source=str(p))
+            data = load_yaml(p, "teachers preset (see configs/teachers/)")
+        except ConfigError as e:
+            raise PresetError(str(e)) from e
+        return cls.from_dict(data or {}, base=p.parent, source=str(p))
 
     @classmethod
     def from_dict(cls, data: dict, base: Path | None = None, source: str = "preset") -> "TeacherPreset":
+        """Build and validate (see :meth:`validate`); relative paths resolve against ``base``."""
+        if not isinstance(data, dict):
+            raise PresetError(f"{source}: a preset is a mapping with detector, segmenter, device, precision")
+
         def build(kind, values, where):
             if not isinstance(values, dict):
                 raise PresetError(f"{source}: {where} must be a mapping")
@@ -121,9 +124,85 @@ class TeacherPreset:
             if seg.checkpoint:
                 seg.checkpoint = str((base / os.path.expanduser(seg.checkpoint)).resolve())
         preset = cls(det, seg, str(data.get("device", "auto")), str(data.get("precision", "fp32")))
-        if preset.precision not in ("fp32", "fp16", "bf16"):
-            raise PresetError(f"{source}: precision must be fp32, fp16 or bf16, got {preset.precision!r}")
+        preset.validate(source)
         return preset
+
+    def validate(self, source: str = "preset") -> None:
+        """Check values without loading models.
+
+        Raises:
+            PresetError: a count that is not a positive integer, a threshold outside its
+                range, an unknown device, precision or SAM model type, half precision on
+                ``device: cpu``, a SAM checkpoint that does not exist.
+        """
+        import torch
+
+        from labeling.segmenter import SAM_MODEL_TYPES
+
+        d, s = self.detector, self.segmenter
+        for where, obj, names in (("detector", d, ("batch_size", "actors", "max_detections")),
+                                  ("segmenter", s, ("batch_size", "actors", "boxes_per_call"))):
+            for n in names:
+                v = getattr(obj, n)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    raise PresetError(f"{source}: {where}.{n} must be a positive integer, got {v!r}")
+        for n, lo, hi in (("box_floor", 0.0, 1.0), ("nms_iou", 0.0, 1.0)):
+            v = getattr(d, n)
+            if not isinstance(v, (int, float)) or not lo <= v <= hi:
+                raise PresetError(f"{source}: detector.{n} must be a number in [{lo}, {hi}], got {v!r}")
+        if d.image_size is not None and not (
+            isinstance(d.image_size, dict) and set(d.image_size) == {"shortest_edge", "longest_edge"}
+            and all(isinstance(v, int) and v > 0 for v in d.image_size.values())
+        ):
+            raise PresetError(f"{source}: detector.image_size must be {{shortest_edge: int, longest_edge: int}}")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            raise PresetError(f"{source}: precision must be fp32, fp16 or bf16, got {self.precision!r}")
+        if self.device != "auto":
+            try:
+                dev = torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise PresetError(f"{source}: device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from e
+            if dev.type not in ("cpu", "cuda"):
+                raise PresetError(f"{source}: device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            if dev.type == "cpu" and self.precision != "fp32":
+                raise PresetError(f"{source}: precision {self.precision} needs a GPU; use fp32 with device: cpu")
+        if s.model_type not in SAM_MODEL_TYPES:
+            raise PresetError(f"{source}: segmenter.model_type must be one of {', '.join(SAM_MODEL_TYPES)}, "
+                              f"got {s.model_type!r}")
+        if s.checkpoint is not None and not os.path.isfile(s.checkpoint):
+            raise PresetError(
+                f"{source}: segmenter.checkpoint {s.checkpoint!r} not found: download the {s.model_type} "
+                "checkpoint from the segment-anything release (e.g. sam_vit_b_01ec64.pth), or write tiny "
+                "test teachers with `distillery teachers tiny DIR`"
+            )
+
+    def check_detector(self, ontology: Ontology, source: str = "preset") -> int:
+        """Load the detector's tokenizer and config (no weights) and split ``ontology`` into
+        prompt chunks, so that a bad model or ontology fails before any label set exists.
+
+        Returns:
+            the number of prompt chunks.
+
+        Raises:
+            PresetError: the model is neither a local directory nor loadable by
+                ``transformers`` (offline and not in the cache, a typo).
+            labeling.ontology.OntologyError: the ontology does not tokenize into chunks.
+        """
+        from transformers import AutoConfig, AutoTokenizer
+
+        from labeling.ontology import build_chunks
+
+        d = self.detector
+        try:
+            tok = AutoTokenizer.from_pretrained(d.model, revision=d.revision)
+            cfg = AutoConfig.from_pretrained(d.model, revision=d.revision)
+        except (OSError, ValueError) as e:
+            raise PresetError(
+                f"{source}: detector.model {d.model!r} cannot be loaded: it is not a local directory "
+                "(relative paths are relative to the preset), and transformers could not load it as a hub "
+                f"id (offline and not in the cache?). {type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from e
+        return len(build_chunks(ontology, tok, int(getattr(cfg, "max_text_len", 256))))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -167,8 +246,12 @@ def detector_identity(model: str, revision: str | None) -> dict:
     return ident
 
 
-def labelset_spec(ontology: Ontology, preset: TeacherPreset, max_pixels: int) -> dict:
-    """Everything that changes the labels, hashed into the label set id (see engine.store.fingerprint)."""
+def labelset_spec(ontology: Ontology, preset: TeacherPreset) -> dict:
+    """Everything that changes the labels, hashed into the label set id (see engine.store.fingerprint).
+
+    Not in it: batch sizes, actor counts, the device, and ``max_pixels`` (it decides which
+    images are labeled, not their labels; a rerun with a larger limit labels the images
+    that were too large, in the same label set)."""
     d, s = preset.detector, preset.segmenter
     return {
         "kind": "teacher",
@@ -182,8 +265,7 @@ def labelset_spec(ontology: Ontology, preset: TeacherPreset, max_pixels: int) ->
             },
             "precision": preset.precision,
         },
-        "preprocessing": {"decode": "pillow-exif_transpose-rgb", "max_pixels": int(max_pixels),
-                          "detector_image_size": d.image_size, "segmenter_input": "ResizeLongestSide(1024)"},
+        "preprocessing": {"decode": "pillow-exif_transpose-rgb", "detector_image_size": d.image_size, "segmenter_input": "ResizeLongestSide(1024)"},
         "thresholds": {"box_floor": d.box_floor, "nms_iou": d.nms_iou, "max_detections": d.max_detections,
                        "mask_threshold": 0.0},
     }

@@ -83,22 +83,34 @@ def record_to_yolo_lines(rec: LabelRecord, min_score: float = 0.0) -> list[str]:
 
 
 def _place(src: str, dst: Path) -> None:
-    if dst.exists():
-        return
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
 
 
-def export_yolo_seg(labelset: LabelSet, out_dir: str | os.PathLike, val_fraction: float = 0.1, min_score: float = 0.0) -> dict:
+def export_yolo_seg(
+    labelset: LabelSet, out_dir: str | os.PathLike, val_fraction: float = 0.1, min_score: float = 0.0,
+    overwrite: bool = False,
+) -> dict:
     """Write the ultralytics layout for ``labelset`` (see module docstring).
+
+    Raises:
+        FileExistsError: ``out_dir`` already holds ``images/`` or ``labels/`` and not
+            ``overwrite`` (stale files would pair old images with new labels).
 
     Crowd instances are skipped (YOLO has no crowd flag). Returns counts per split.
     File names keep the original name; a second image of the same name gets
     ``_<image_id[:8]>`` appended to its stem.
     """
     out = Path(out_dir)
+    stale = [d for d in (out / "images", out / "labels") if d.exists() and any(d.iterdir())]
+    if stale and not overwrite:
+        raise FileExistsError(f"{out} already holds a dataset; export to a new directory or pass --overwrite")
+    for d in stale:
+        shutil.rmtree(d)
     counts = {"train": 0, "val": 0, "instances": 0}
     used: set[str] = set()
     for split in ("train", "val"):

@@ -97,3 +97,12 @@ def test_sources(tmp_path, coco128):
     bad.write_text(json.dumps({"x": 1}))
     with pytest.raises(SourceError, match="not a COCO JSON"):
         list_source(bad)
+
+
+def test_broken_symlink_is_listed_and_recorded_missing(tmp_path, photo):
+    (tmp_path / "ok.jpg").symlink_to(photo)
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    paths = list_source(tmp_path)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["broken.jpg", "ok.jpg"]
+    assert decode(paths[0]).error.startswith("missing")
+    assert decode(paths[1]).error is None

@@ -39,6 +39,8 @@ def preset_path(tiny_teachers, tmp_path_factory):
 def pool(coco128, tmp_path_factory):
     d = tmp_path_factory.mktemp("pool")
     good = sorted((coco128 / "images").glob("*.jpg"))[:10]
+    (d.parent / "spare").mkdir()
+    shutil.copy(sorted((coco128 / "images").glob("*.jpg"))[20], d.parent / "spare")
     for p in good:
         shutil.copy(p, d / p.name)
     odd = d / "sub dir" / "ñandú 1.jpg"
@@ -64,7 +66,7 @@ def test_ray_job_labels_good_images_and_records_bad_ones(pool, preset_path, tmp_
 
     onto = Ontology.from_classes("person,car,giraffe,traffic light")
     preset = TeacherPreset.load(preset_path)
-    ls = LabelStore(tmp_path).create(labelset_spec(onto, preset, 64_000_000))
+    ls = LabelStore(tmp_path).create(labelset_spec(onto, preset))
     paths = list_source(pool)
     s = run_label_job(paths, ls, teacher_stages(preset, onto), runner="ray", shard_size=4, progress=False)
     assert s.processed == len(paths) == 14
@@ -77,9 +79,16 @@ def test_ray_job_labels_good_images_and_records_bad_ones(pool, preset_path, tmp_
         if r.error is None:
             assert 0 < r.num_instances <= 8 and r.scores.shape[1] == 4
             assert all(m["size"] == [r.height, r.width] for m in r.masks)
-    # a rerun finds everything done
+    # a rerun skips what is done and tries the failed files again; a fixed file gets labeled
     again = run_label_job(paths, ls, teacher_stages(preset, onto), runner="ray", shard_size=4, progress=False)
-    assert again.skipped == 14 and again.processed == 0 and ls.counts().images == 14
+    assert (again.skipped, again.processed, dict(again.errors)) == (11, 3, {"empty": 1, "not-an-image": 1, "truncated": 1})
+    spare = next((pool.parent / "spare").glob("*.jpg"))
+    shutil.copy(spare, pool / "empty.jpg")
+    fixed = run_label_job(paths, ls, teacher_stages(preset, onto), runner="ray", shard_size=4, progress=False)
+    assert (fixed.processed, fixed.labeled) == (3, 1)
+    c = ls.counts()
+    assert (c.images, c.labeled, dict(c.errors)) == (14, 11, {"not-an-image": 1, "truncated": 1, "duplicate": 1})
+    (pool / "empty.jpg").write_bytes(b"")
 
 
 def label_cmd(pool, store, preset_path):

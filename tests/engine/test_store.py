@@ -75,3 +75,20 @@ def test_open_and_errors(tmp_path):
     with pytest.raises(StoreError, match="not found"):
         store.open("ls-nope")
 
+
+
+def test_retryable_errors_are_retried_and_superseded(tmp_path):
+    ls = LabelStore(tmp_path).create({"ontology": {"classes": ["a", "b", "c"], "prompts": []}})
+    with ls.writer(shard_size=1) as w:
+        w.add(LabelRecord.failed("x.jpg", "missing: file not found", 3).to_row())
+        w.add(LabelRecord.failed("y.jpg", "duplicate: same bytes as z.jpg", 3, "1").to_row())
+    with ls.writer(shard_size=1) as w:
+        assert w.done_paths == {"y.jpg"}  # the missing file is tried again, the duplicate is final
+        w.add(rec("x.jpg", "9").to_row())
+    assert len(ls.shards()) == 3
+    recs = list(ls.iter_records())
+    assert sorted(r.path for r in recs) == ["x.jpg", "y.jpg"]
+    assert next(r for r in recs if r.path == "x.jpg").num_instances == 2
+    c = ls.counts()
+    assert (c.images, c.labeled, dict(c.errors)) == (2, 1, {"duplicate": 1})
+    assert ls.errors() == [("y.jpg", "duplicate: same bytes as z.jpg")]

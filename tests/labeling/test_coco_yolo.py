@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -23,7 +24,7 @@ def imported(coco128, tmp_path_factory):
 
 def coco_eval(gt_coco, results, iou_type):
     gt = COCO()
-    gt.dataset = gt_coco
+    gt.dataset = copy.deepcopy(gt_coco)  # COCOeval rewrites GT segmentations in place
     gt.createIndex()
     ev = COCOeval(gt, gt.loadRes(results), iou_type)
     ev.evaluate(), ev.accumulate(), ev.summarize()
@@ -53,7 +54,7 @@ def test_import_export_coco_evaluates_to_ap_1(imported, coco128_gt, tmp_path):
     assert box[0] == pytest.approx(1.0, abs=1e-6) and segm[0] == pytest.approx(1.0, abs=1e-6)
     # masks are the GT masks exactly
     gt = COCO()
-    gt.dataset = coco128_gt
+    gt.dataset = copy.deepcopy(coco128_gt)
     gt.createIndex()
     for a in pred["annotations"][:200]:
         im = next(i for i in pred["images"] if i["id"] == a["image_id"])
@@ -114,3 +115,31 @@ def test_bad_coco(tmp_path):
     bad.write_text("{")
     with pytest.raises(CocoError, match="invalid JSON"):
         import_coco(LabelStore(tmp_path / "s"), str(bad), str(tmp_path))
+
+
+def test_yolo_export_refuses_stale_dir_and_overwrite_replaces(imported, tmp_path):
+    ls, _ = imported
+    out = tmp_path / "y"
+    export_yolo_seg(ls, out, val_fraction=0.0)
+    assert len(list((out / "images" / "train").iterdir())) == 128
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_yolo_seg(ls, out, val_fraction=1.0)
+    counts = export_yolo_seg(ls, out, val_fraction=1.0, overwrite=True)
+    assert counts["val"] == 128 and not list((out / "images" / "train").iterdir())
+    assert len(list((out / "labels" / "val").iterdir())) == 128
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["images"][0].pop("width"), "lacks width"),
+    (lambda c: c["annotations"][0].update(category_id=999), "category_id 999"),
+    (lambda c: c["annotations"][0].pop("bbox"), "lacks bbox"),
+    (lambda c: c["annotations"][0].update(image_id=-5), "image_id -5"),
+    (lambda c: c.pop("categories"), "'categories' list"),
+])
+def test_import_rejects_malformed_coco(coco128_gt, coco128, tmp_path, edit, message):
+    bad = copy.deepcopy(coco128_gt)
+    edit(bad)
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(bad))
+    with pytest.raises(CocoError, match=message):
+        import_coco(LabelStore(tmp_path / "s"), str(p), str(coco128 / "images"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -59,7 +61,7 @@ def gt_instances(coco: dict, image: dict, classes: list[str]):
 
 def run_oracle(paths, gt, onto, tiny_teachers, store):
     preset = TeacherPreset.load(tiny_teachers)
-    ls = LabelStore(store).create(labelset_spec(onto, preset, 64_000_000))
+    ls = LabelStore(store).create(labelset_spec(onto, preset))
     pd = preset.to_dict()
     stages = [
         StageSpec(OracleDetectStage, {"preset": pd, "ontology": onto.to_dict(), "gt": gt}, batch_size=4),
@@ -73,7 +75,7 @@ def run_oracle(paths, gt, onto, tiny_teachers, store):
 def evaluate(pred: dict, gt_coco: dict, image_ids: list[int]):
     """box AP (COCOeval stats[0]) and the IoU of each non-crowd GT mask with its best prediction."""
     gt = COCO()
-    gt.dataset = {k: gt_coco[k] for k in ("images", "annotations", "categories")}
+    gt.dataset = copy.deepcopy({k: gt_coco[k] for k in ("images", "annotations", "categories")})
     gt.createIndex()
     res = gt.loadRes(align_to_gt(pred, gt_coco, "bbox"))
     ev = COCOeval(gt, res, "bbox")
