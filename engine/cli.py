@@ -82,11 +82,15 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
         raise UserError("give exactly one of --classes or --ontology")
     try:
         onto = Ontology.from_classes(classes) if classes else Ontology.load(ontology_path)
+    except OntologyError as e:
+        raise UserError(str(e)) from e  # names the file
+    try:
         preset = TeacherPreset.load(preset_path)
-        chunks = preset.check_detector(onto, preset_path)
-    except (OntologyError, PresetError) as e:
-        where = f"{ontology_path}: " if ontology_path and isinstance(e, OntologyError) and ontology_path not in str(e) else ""
-        raise UserError(where + str(e)) from e
+        chunks = preset.check_detector(onto, preset_path)  # tokenizes the ontology; no weights loaded
+    except PresetError as e:
+        raise UserError(str(e)) from e
+    except OntologyError as e:
+        raise UserError(f"{ontology_path or '--classes'}: {e}") from e
     paths = list_sources(sources)
     if not paths:
         raise UserError(f"no images found in {', '.join(sources)} (suffixes .jpg .jpeg .png .bmp .webp .tif .gif)")
@@ -98,7 +102,7 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
                       progress=not quiet)
     errors = ", ".join(f"{k} {v}" for k, v in sorted(s.errors.items())) or "none"
     click.echo(
-        f"done: {s.processed} images labeled this run ({s.skipped} already in the store), "
+        f"done: {s.processed} images processed this run ({s.skipped} already in the store), "
         f"{s.labeled} with labels, {s.instances} instances; errors: {errors}; "
         f"{s.images_per_second:.2f} images/s over {s.seconds:.1f} s"
     )

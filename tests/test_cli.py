@@ -16,7 +16,7 @@ def test_cli_label_info_export(tiny_teachers, coco128, tmp_path):
     out = r.invoke(main, ["label", str(lst), "--classes", "person,giraffe", "--store", str(store),
                           "--teachers", str(tiny_teachers), "--runner", "local", "--quiet"])
     assert out.exit_code == 0, out.output
-    assert "3 images labeled this run" in out.output and "missing 1" in out.output
+    assert "3 images processed this run" in out.output and "missing 1" in out.output
     info = r.invoke(main, ["labels", "info", "--store", str(store), "--json"])
     (row,) = json.loads(info.output)
     assert row["images"] == 3 and row["labeled"] == 2 and row["errors"] == {"missing": 1}
