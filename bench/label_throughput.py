@@ -101,11 +101,12 @@ def main() -> None:
         for name, preset_path, paths in runs:
             s = end_to_end(preset_path, onto, paths, tmp / f"store-{len(name)}")
             fwd = bare(TeacherPreset.load(preset_path), onto, paths)
-            e2e = s.images_per_second
-            print(f"{name}: {len(paths)} images | label end-to-end {e2e:.3f} img/s (start-up {s.startup_seconds:.1f} s "
-                  f"incl. first batch; after it {s.steady_images_per_second:.3f} img/s) | bare teacher calls "
-                  f"{fwd:.3f} img/s | efficiency (ratio) {e2e / fwd:.2f}, after start-up "
-                  f"{s.steady_images_per_second / fwd:.2f}", flush=True)
+            e2e, steady = s.images_per_second, s.steady_images_per_second
+            after = (f"after it {steady:.3f} img/s, ratio {steady / fwd:.2f}" if steady > 0
+                     else "the first batch was the whole run")
+            print(f"{name}: {len(paths)} images | bare teacher calls {fwd:.3f} img/s | label end-to-end "
+                  f"{e2e:.3f} img/s, efficiency (ratio) {e2e / fwd:.2f} | start-up {s.startup_seconds:.1f} s "
+                  f"incl. the first batch; {after}", flush=True)
 
 
 if __name__ == "__main__":
