@@ -265,7 +265,11 @@ def labelset_spec(ontology: Ontology, preset: TeacherPreset) -> dict:
             },
             "precision": preset.precision,
         },
-        "preprocessing": {"decode": "pillow-exif_transpose-rgb", "detector_image_size": d.image_size, "segmenter_input": "ResizeLongestSide(1024)"},
+        "preprocessing": {
+            "decode": "pillow-exif_transpose-rgb",
+            "detector_image_size": d.image_size,
+            "segmenter_input": "ResizeLongestSide(1024)",
+        },
         "thresholds": {"box_floor": d.box_floor, "nms_iou": d.nms_iou, "max_detections": d.max_detections,
                        "mask_threshold": 0.0},
     }
@@ -289,10 +293,10 @@ class DetectStage:
         n = len(batch["path"])
         ok = [i for i in range(n) if batch["error"][i] is None]
         dets = dict(zip(ok, self.teacher([image_of(batch, i) for i in ok])))
-        empty_b, empty_s = np.zeros(0, np.float32), np.zeros(0, np.float32)
+        empty = np.zeros(0, np.float32)
         batch = dict(batch)
-        batch["boxes"] = [dets[i].boxes.reshape(-1) if i in dets else empty_b for i in range(n)]
-        batch["scores"] = [dets[i].scores.reshape(-1) if i in dets else empty_s for i in range(n)]
+        batch["boxes"] = [dets[i].boxes.reshape(-1) if i in dets else empty for i in range(n)]
+        batch["scores"] = [dets[i].scores.reshape(-1) if i in dets else empty for i in range(n)]
         return as_table(batch, DETECTED_SCHEMA)
 
 
