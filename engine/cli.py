@@ -200,6 +200,8 @@ def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite)
 
         c = export_yolo_seg(ls, out, val_fraction, min_score, overwrite=overwrite)
         click.echo(f"wrote {out}: {c['train']} train / {c['val']} val images, {c['instances']} instances from {ls.id}")
+        for path in c["missing_images"]:
+            click.echo(f"  skipped (image no longer there): {path}")
 
 
 @labels.command("import")
@@ -223,7 +225,8 @@ def labels_import(coco_path, images_dir, store):
         raise UserError(str(e)) from e
     click.echo(
         f"imported {st['images']} images ({st['added']} added), {st['instances']} instances "
-        f"({st['crowd']} crowd), {st['box_masks']} box-only masks"
+        f"({st['crowd']} crowd), {st['box_masks']} box-only masks, {st['dropped_annotations']} annotations "
+        "dropped with their failed images"
     )
     _echo_store_totals(ls)
 

@@ -100,6 +100,12 @@ def segmentation_to_rle(segm, height: int, width: int) -> dict:
         raise CocoError(f"malformed segmentation ({e})") from e
     if list(rle["size"]) != [height, width]:
         raise CocoError(f"segmentation size {list(rle['size'])} != image [height, width] {[height, width]}")
+    try:
+        area = int(mask_utils.area({"size": [height, width], "counts": rle["counts"]}))
+    except Exception as e:  # noqa: BLE001 - pycocotools raises several types for bad counts
+        raise CocoError(f"RLE counts cannot be decoded ({e})") from e
+    if not 0 <= area <= height * width:
+        raise CocoError(f"RLE counts are corrupt: area {area} outside [0, {height * width}]")
     return {"size": [int(height), int(width)], "counts": rle["counts"]}
 
 
@@ -125,6 +131,14 @@ def validate_coco(coco: dict) -> None:
         if missing:
             raise CocoError(f"image {im.get('id', im) if isinstance(im, dict) else im!r} lacks {', '.join(missing)}")
     image_ids = {im["id"] for im in coco["images"]}
+    if len(image_ids) != len(coco["images"]):
+        seen, dup = set(), None
+        for im in coco["images"]:
+            if im["id"] in seen:
+                dup = im["id"]
+                break
+            seen.add(im["id"])
+        raise CocoError(f"image id {dup} is given to several images; ids must be unique")
     cat_ids = {c["id"] for c in coco["categories"]}
     for a in coco["annotations"]:
         aid = a.get("id", "?") if isinstance(a, dict) else a
@@ -146,8 +160,9 @@ def coco_to_records(coco: dict, images_dir: str | os.PathLike, classes: list[str
 
     Each image is opened (header only) for its content hash and EXIF-corrected size; an
     image that is missing, unreadable, or whose size differs from the COCO ``width`` x
-    ``height`` becomes an error record. Annotations without a usable segmentation get the
-    box as their mask (recorded in the manifest count ``box_masks``).
+    ``height`` becomes an error record (its annotations are counted in
+    ``stats["dropped_annotations"]``). Annotations without a segmentation get the box as
+    their mask (``stats["box_masks"]``); a malformed segmentation is an error.
 
     Returns:
         ``(classes, records, stats)``; classes are the category names in id order.
@@ -168,36 +183,42 @@ def coco_to_records(coco: dict, images_dir: str | os.PathLike, classes: list[str
     by_image = defaultdict(list)
     for a in anns:
         by_image[a["image_id"]].append(a)
-    stats = {"box_masks": 0, "crowd": 0}
+    stats = {"box_masks": 0, "crowd": 0, "dropped_annotations": 0}
     records = []
     base = Path(images_dir)
     for im in images:
         path = str((base / im["file_name"]).absolute())
+        image_id, failure = "", None
         try:
             with open(path, "rb") as f:
                 image_id = content_id(f.read())
             w, h = exif_size(path)
+            if (w, h) != (im["width"], im["height"]):
+                failure = f"size-mismatch: image is {w}x{h}, COCO says {im['width']}x{im['height']}"
+        except FileNotFoundError:
+            failure = "missing: file not found"
         except OSError as e:
-            records.append(LabelRecord.failed(path, f"unreadable: {e}", C))
-            continue
+            failure = f"unreadable: {e.strerror or e}" if not image_id else f"not-an-image: {e}"
         except Exception as e:  # noqa: BLE001 - Pillow raises several types for non-images
-            records.append(LabelRecord.failed(path, f"not-an-image: {e}", C, image_id))
-            continue
-        if (w, h) != (im["width"], im["height"]):
-            records.append(LabelRecord.failed(
-                path, f"size-mismatch: image is {w}x{h}, COCO says {im['width']}x{im['height']}", C, image_id))
+            failure = f"not-an-image: {e}"
+        if failure is not None:
+            records.append(LabelRecord.failed(path, failure, C, image_id))
+            stats["dropped_annotations"] += len(by_image.get(im["id"], []))
             continue
         boxes, scores, masks, crowd = [], [], [], []
         for a in by_image.get(im["id"], []):
             x, y, bw, bh = a["bbox"]
             x1, y1 = np.clip([x, y], 0, [w, h])
             x2, y2 = np.clip([x + bw, y + bh], 0, [w, h])
-            try:
-                rle = segmentation_to_rle(a.get("segmentation"), h, w)
-            except CocoError:
+            if a.get("segmentation") in (None, [], {}):
                 box = mask_utils.frPyObjects([[x1, y1, x2, y1, x2, y2, x1, y2]], h, w)
                 rle = {"size": [h, w], "counts": mask_utils.merge(box)["counts"]}
                 stats["box_masks"] += 1
+            else:
+                try:
+                    rle = segmentation_to_rle(a["segmentation"], h, w)
+                except CocoError as e:
+                    raise CocoError(f"annotation {a.get('id', '?')} (image {im['file_name']}): {e}") from e
             onehot = np.zeros(C, np.float32)
             onehot[col[a["category_id"]]] = 1.0
             boxes.append([x1, y1, x2, y2])

@@ -180,7 +180,8 @@ def build_chunks(ontology: Ontology, tokenizer, max_text_len: int = 256) -> list
             raise OntologyError(f"prompt {prompt!r} has no token besides delimiters ('.', '?'); reword it")
         if len(ids) + 1 > max_text_len:
             raise OntologyError(
-                f"prompt {prompt!r} is {len(ids) - 2} tokens; at most {max_text_len - 3} fit in one caption"
+                f"prompt {prompt[:60]!r}{'...' if len(prompt) > 60 else ''} is {len(ids) - 2} tokens; "
+                f"at most {max_text_len - 3} fit in one caption"
             )
         j = token_cache.setdefault(key, i)
         if j != i and ontology.prompt_class[j] != ontology.prompt_class[i]:

@@ -321,7 +321,7 @@ class SegmentStage:
             if err is not None:
                 rows.append(LabelRecord.failed(path, str(err), C, image_id).to_row())
                 continue
-            boxes = np.asarray(batch["boxes"][i], np.float32).reshape(-1, 4)
+            boxes = np.array(batch["boxes"][i], np.float32).reshape(-1, 4)  # a writable copy for torch
             scores = np.asarray(batch["scores"][i], np.float32).reshape(-1, C)
             masks, mask_score = self.teacher(image_of(batch, i), boxes)
             rec = LabelRecord(

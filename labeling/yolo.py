@@ -101,17 +101,22 @@ def export_yolo_seg(
         FileExistsError: ``out_dir`` already holds ``images/`` or ``labels/`` and not
             ``overwrite`` (stale files would pair old images with new labels).
 
-    Crowd instances are skipped (YOLO has no crowd flag). Returns counts per split.
+    Crowd instances are skipped (YOLO has no crowd flag). Images no longer at their
+    recorded path are skipped and listed in ``counts["missing_images"]``. Returns counts
+    per split.
     File names keep the original name; a second image of the same name gets
     ``_<image_id[:8]>`` appended to its stem.
     """
     out = Path(out_dir)
-    stale = [d for d in (out / "images", out / "labels") if d.exists() and any(d.iterdir())]
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; yolo-seg export writes a directory")
+    stale = [d for d in (out / "images", out / "labels") if d.is_dir() and any(p.is_file() for p in d.rglob("*"))]
     if stale and not overwrite:
         raise FileExistsError(f"{out} already holds a dataset; export to a new directory or pass --overwrite")
-    for d in stale:
-        shutil.rmtree(d)
-    counts = {"train": 0, "val": 0, "instances": 0}
+    for d in (out / "images", out / "labels"):
+        if d.is_dir():
+            shutil.rmtree(d)
+    counts = {"train": 0, "val": 0, "instances": 0, "missing_images": []}
     used: set[str] = set()
     for split in ("train", "val"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -121,6 +126,9 @@ def export_yolo_seg(
             continue
         split = "val" if val_split(rec.image_id, val_fraction) else "train"
         src = Path(rec.path)
+        if not src.is_file():
+            counts["missing_images"].append(rec.path)  # moved or deleted since labeling
+            continue
         stem, suffix = src.stem, src.suffix.lower()
         if stem in used:
             stem = f"{stem}_{rec.image_id[:8]}"

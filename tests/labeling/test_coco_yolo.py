@@ -119,7 +119,11 @@ def test_bad_coco(tmp_path):
 
 def test_yolo_export_refuses_stale_dir_and_overwrite_replaces(imported, tmp_path):
     ls, _ = imported
+    (tmp_path / "f.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="is a file"):
+        export_yolo_seg(ls, tmp_path / "f.json")
     out = tmp_path / "y"
+    (out / "images" / "train").mkdir(parents=True)  # an empty skeleton is not a dataset
     export_yolo_seg(ls, out, val_fraction=0.0)
     assert len(list((out / "images" / "train").iterdir())) == 128
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -135,6 +139,9 @@ def test_yolo_export_refuses_stale_dir_and_overwrite_replaces(imported, tmp_path
     (lambda c: c["annotations"][0].pop("bbox"), "lacks bbox"),
     (lambda c: c["annotations"][0].update(image_id=-5), "image_id -5"),
     (lambda c: c.pop("categories"), "'categories' list"),
+    (lambda c: c["images"][1].update(id=c["images"][0]["id"]), "given to several images"),
+    (lambda c: c["annotations"][0].update(segmentation={"counts": "garbage", "size": [480, 640]}),
+     r"annotation \d+ .*(corrupt|size|decoded)"),
 ])
 def test_import_rejects_malformed_coco(coco128_gt, coco128, tmp_path, edit, message):
     bad = copy.deepcopy(coco128_gt)
@@ -143,3 +150,20 @@ def test_import_rejects_malformed_coco(coco128_gt, coco128, tmp_path, edit, mess
     p.write_text(json.dumps(bad))
     with pytest.raises(CocoError, match=message):
         import_coco(LabelStore(tmp_path / "s"), str(p), str(coco128 / "images"))
+
+
+def test_yolo_export_skips_and_reports_images_deleted_after_labeling(coco128, coco128_gt, tmp_path):
+    import shutil
+
+    images = coco128_gt["images"][:3]
+    ids = {im["id"] for im in images}
+    sub = {**coco128_gt, "images": images, "annotations": [a for a in coco128_gt["annotations"] if a["image_id"] in ids]}
+    (tmp_path / "img").mkdir()
+    for im in images:
+        shutil.copy(coco128 / "images" / im["file_name"], tmp_path / "img")
+    (tmp_path / "sub.json").write_text(json.dumps(sub))
+    ls, _ = import_coco(LabelStore(tmp_path / "s"), str(tmp_path / "sub.json"), str(tmp_path / "img"))
+    (tmp_path / "img" / images[0]["file_name"]).unlink()
+    counts = export_yolo_seg(ls, tmp_path / "y")
+    assert counts["train"] + counts["val"] == 2
+    assert counts["missing_images"] == [str(tmp_path / "img" / images[0]["file_name"])]
