@@ -114,7 +114,7 @@ def _echo_store_totals(ls, show: int = 10) -> None:
     errors = ", ".join(f"{k} {v}" for k, v in sorted(c.errors.items())) or "none"
     click.echo(f"label set {ls.id} now holds {c.images} images: {c.labeled} labeled, {c.instances} instances, "
                f"errors: {errors}")
-    errs = ls.errors()
+    errs = c.error_records
     for path, reason in errs[:show]:
         click.echo(f"  {path}: {reason}")
     if len(errs) > show:
@@ -148,7 +148,7 @@ def labels_info(store, as_json, list_errors):
             "labelset": ls.id, "kind": ls.manifest.get("kind"), "created": ls.manifest.get("created"),
             "classes": len(ls.classes), "images": c.images, "labeled": c.labeled, "instances": c.instances,
             "errors": dict(c.errors), "teachers": det,
-            **({"error_records": [{"path": p, "error": e} for p, e in ls.errors()]} if list_errors else {}),
+            **({"error_records": [{"path": p, "error": e} for p, e in c.error_records]} if list_errors else {}),
         })
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -63,6 +63,8 @@ class LabelSetCounts:
     labeled: int = 0
     instances: int = 0
     errors: Counter = field(default_factory=Counter)
+    #: ``(path, reason)`` of every live error record
+    error_records: list = field(default_factory=list)
 
 
 class LabelSet:
@@ -126,20 +128,17 @@ class LabelSet:
             for row in self._read(p, rows).to_pylist():
                 yield LabelRecord.from_row(row, C)
 
-    def errors(self) -> list[tuple[str, str]]:
-        """``(path, reason)`` of every live error record."""
-        t = self.read_columns(["path", "error"])
-        return [(p, e) for p, e in zip(t.column("path").to_pylist(), t.column("error").to_pylist()) if e is not None]
-
     def counts(self) -> LabelSetCounts:
-        t = self.read_columns(["error", "box_score"])
+        """Images, labeled images, instances, errors by kind and error records, in one read."""
+        t = self.read_columns(["path", "error", "box_score"])
         c = LabelSetCounts(images=t.num_rows)
-        for err, scores in zip(t.column("error").to_pylist(), t.column("box_score").to_pylist()):
+        for path, err, scores in zip(*(t.column(k).to_pylist() for k in ("path", "error", "box_score"))):
             if err is None:
                 c.labeled += 1
                 c.instances += len(scores)
             else:
                 c.errors[error_kind(err)] += 1
+                c.error_records.append((path, err))
         return c
 
     def writer(self, shard_size: int = 256) -> "LabelSetWriter":

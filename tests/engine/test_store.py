@@ -91,4 +91,4 @@ def test_retryable_errors_are_retried_and_superseded(tmp_path):
     assert next(r for r in recs if r.path == "x.jpg").num_instances == 2
     c = ls.counts()
     assert (c.images, c.labeled, dict(c.errors)) == (2, 1, {"duplicate": 1})
-    assert ls.errors() == [("y.jpg", "duplicate: same bytes as z.jpg")]
+    assert c.error_records == [("y.jpg", "duplicate: same bytes as z.jpg")]
