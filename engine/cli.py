@@ -254,5 +254,13 @@ def teachers_tiny(out_dir, seed):
     click.echo(f"wrote tiny random teachers and preset {path}")
 
 
+def _register_stages() -> None:
+    from labeling.curation.cli import curate
+
+    main.add_command(curate)
+
+
+_register_stages()
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -132,6 +132,28 @@ class LabelRecord:
     def num_instances(self) -> int:
         return len(self.boxes)
 
+    @property
+    def instance_ids(self) -> list[str]:
+        """Stable id of each instance: 16 hex of blake2b over ``image_id``, the box's float32
+        xyxy bytes and its top class. The same image labeled by the same teachers gives the
+        same ids (a resumed or repeated job), so curation decisions keyed by them survive a
+        relabel. Identical (box, class) pairs, which NMS normally removes, get ``-1``, ``-2``...
+        """
+        import hashlib
+
+        top = self.scores.argmax(1)
+        ids: list[str] = []
+        seen: dict[str, int] = {}
+        for box, cls in zip(self.boxes, top):
+            h = hashlib.blake2b(self.image_id.encode(), digest_size=8)
+            h.update(np.ascontiguousarray(box, np.float32).tobytes())
+            h.update(int(cls).to_bytes(4, "little"))
+            iid = h.hexdigest()
+            n = seen.get(iid, 0)
+            seen[iid] = n + 1
+            ids.append(iid if n == 0 else f"{iid}-{n}")
+        return ids
+
     @classmethod
     def failed(cls, path: str, error: str, num_classes: int, image_id: str = "") -> "LabelRecord":
         """An error record: the image is accounted for but carries no labels."""

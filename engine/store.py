@@ -5,6 +5,7 @@ Layout::
     STORE/labelsets/<labelset_id>/manifest.json      # schema version, ontology, teachers, ...
     STORE/labelsets/<labelset_id>/shards/*.parquet   # rows of engine.record.ROW_SCHEMA
     STORE/labelsets/<labelset_id>/.lock              # held (flock) by the one job writing
+    STORE/labelsets/<labelset_id>/curation/v0001.parquet  # curation decisions, version 1, ...
 
 Shards are written whole under a temporary name, then renamed (``os.replace`` is atomic
 on POSIX), so a crash -- ``kill -9`` included -- loses at most the shard in flight and
@@ -15,6 +16,11 @@ row is a retryable error (:data:`engine.images.RETRYABLE_ERRORS`: the file may h
 fixed). The new row supersedes the old one: readers see the last row of each path.
 Label sets are never overwritten: a different ontology, teacher or setting has a
 different id.
+
+Curation decisions are a separate, versioned layer beside the shards (never an edit of
+teacher output): each commit writes a whole new ``curation/vNNNN.parquet`` of
+:data:`CURATION_SCHEMA`, keyed by ``image_id`` and ``instance_id``
+(:attr:`engine.record.LabelRecord.instance_ids`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,22 @@ import pyarrow.parquet as pq
 
 from engine.images import RETRYABLE_ERRORS, error_kind
 from engine.record import ROW_SCHEMA, SCHEMA_VERSION, LabelRecord, rows_to_table
+
+
+#: One row per decision. ``instance_id`` null: the decision is about the whole image.
+#: ``decision``: ``accept`` | ``reject`` | ``ignore`` (an uncertain region the student neither
+#: learns nor is punished for) | null (only a class correction). ``label``: corrected class
+#: name, null when unchanged. ``source``: ``manual`` (set by a person) or ``rules``.
+CURATION_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("instance_id", pa.string(), nullable=True),
+        pa.field("decision", pa.string(), nullable=True),
+        pa.field("label", pa.string(), nullable=True),
+        pa.field("source", pa.string(), nullable=False),
+    ]
+)
+DECISIONS = ("accept", "reject", "ignore")
 
 
 class StoreError(RuntimeError):
@@ -114,12 +136,102 @@ class LabelSet:
         t = pq.read_table(path, columns=columns)
         return t if rows is None else t.take(pa.array(rows, type=pa.int64()))
 
-    def read_columns(self, columns: list[str]) -> pa.Table:
-        """The named columns of every live row, concatenated (empty table if none)."""
-        tables = [self._read(p, rows, columns) for p, rows in self._live()]
+    def read_columns(self, columns: list[str], provenance: bool = False) -> pa.Table:
+        """The named columns of every live row, concatenated (empty table if none).
+
+        With ``provenance``, two more columns name where each row lives: ``shard`` (file
+        name) and ``row`` (index in it); a row that changes (a retried error) moves."""
+        tables = []
+        for p, rows in self._live():
+            t = self._read(p, rows, columns)
+            if provenance:
+                idx = rows if rows is not None else list(range(t.num_rows))
+                t = t.append_column("shard", pa.array([p.name] * t.num_rows, pa.string()))
+                t = t.append_column("row", pa.array(idx, pa.int64()))
+            tables.append(t)
         if not tables:
-            return pa.Table.from_pylist([], schema=pa.schema([ROW_SCHEMA.field(c) for c in columns]))
+            fields = [ROW_SCHEMA.field(c) for c in columns]
+            if provenance:
+                fields += [pa.field("shard", pa.string()), pa.field("row", pa.int64())]
+            return pa.Table.from_pylist([], schema=pa.schema(fields))
         return pa.concat_tables(tables)
+
+    def records_at(self, shard: str, rows: list[int]) -> list[LabelRecord]:
+        """The records at ``rows`` of shard file ``shard`` (names from ``read_columns(provenance=True)``)."""
+        C = len(self.classes)
+        t = self._read(self.shard_dir / shard, list(rows))
+        return [LabelRecord.from_row(r, C) for r in t.to_pylist()]
+
+    # -- curation layer -------------------------------------------------------------------
+
+    @property
+    def curation_dir(self) -> Path:
+        return self.root / "curation"
+
+    def curation_versions(self) -> list[int]:
+        """Committed curation versions, oldest first (empty: never curated)."""
+        if not self.curation_dir.is_dir():
+            return []
+        return sorted(int(p.stem[1:]) for p in self.curation_dir.glob("v[0-9]*.parquet"))
+
+    def curation(self, version: int | None = None) -> tuple[pa.Table, dict]:
+        """Decisions of one curation version (default: the latest) as a table of
+        :data:`CURATION_SCHEMA`, and its metadata (version, created, dataset, counts).
+        No version yet: an empty table and ``{"version": 0}``.
+
+        Raises:
+            StoreError: ``version`` does not exist.
+        """
+        versions = self.curation_versions()
+        if version is None:
+            if not versions:
+                return CURATION_SCHEMA.empty_table(), {"version": 0}
+            version = versions[-1]
+        if version not in versions:
+            raise StoreError(f"label set {self.id} has no curation version {version} (has: {versions or 'none'})")
+        t = pq.read_table(self.curation_dir / f"v{version:04d}.parquet")
+        meta = json.loads((t.schema.metadata or {}).get(b"distillery", b"{}"))
+        return t.replace_schema_metadata(None), meta
+
+    def commit_curation(self, decisions: pa.Table, meta: dict | None = None) -> int:
+        """Write ``decisions`` (:data:`CURATION_SCHEMA`) as the next curation version and return
+        its number. The file appears whole (temporary name, then an exclusive hard link), so
+        two concurrent commits never share a number.
+
+        Raises:
+            StoreError: a column, decision value or key is invalid, or a key repeats.
+        """
+        try:
+            decisions = decisions.select(CURATION_SCHEMA.names).cast(CURATION_SCHEMA)
+        except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise StoreError(f"curation decisions do not match the curation schema: {e}") from e
+        bad = set(decisions.column("decision").drop_null().to_pylist()) - set(DECISIONS)
+        if bad:
+            raise StoreError(f"unknown curation decision(s) {sorted(bad)}; use one of {DECISIONS}")
+        keys = list(zip(decisions.column("image_id").to_pylist(), decisions.column("instance_id").to_pylist()))
+        if len(set(keys)) != len(keys):
+            dup = next(k for k, n in Counter(keys).items() if n > 1)
+            raise StoreError(f"curation decisions repeat the key image_id={dup[0]}, instance_id={dup[1]}")
+        self.curation_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.curation_dir / f".tmp-{uuid.uuid4().hex}.parquet"
+        while True:
+            version = (self.curation_versions() or [0])[-1] + 1
+            info = {
+                "version": version,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "decisions": dict(Counter(decisions.column("decision").to_pylist())),
+                **(meta or {}),
+            }
+            info["decisions"] = {str(k): v for k, v in info["decisions"].items()}
+            table = decisions.replace_schema_metadata({"distillery": json.dumps(info)})
+            pq.write_table(table, tmp)
+            try:
+                os.link(tmp, self.curation_dir / f"v{version:04d}.parquet")
+                return version
+            except FileExistsError:
+                continue  # another commit took this number
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def iter_records(self) -> Iterator[LabelRecord]:
         """Every live record, shard by shard (memory: one shard at a time)."""

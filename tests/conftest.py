@@ -34,3 +34,24 @@ def tiny_teachers(tmp_path_factory) -> Path:
     from labeling.tiny import write_tiny_teachers
 
     return write_tiny_teachers(tmp_path_factory.mktemp("tiny-teachers"))
+
+
+@pytest.fixture(scope="session")
+def fo(tmp_path_factory):
+    """FiftyOne, with its MongoDB in a throwaway directory (set before the first import)."""
+    os.environ["FIFTYONE_DATABASE_DIR"] = str(tmp_path_factory.mktemp("fiftyone-db"))
+    os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
+    import fiftyone
+
+    return fiftyone
+
+
+@pytest.fixture
+def dataset_name(fo, request):
+    """A throwaway FiftyOne dataset name; the dataset is deleted after the test."""
+    import uuid
+
+    name = f"distillery-test-{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+    yield name
+    if fo.dataset_exists(name):
+        fo.delete_dataset(name)

@@ -1,0 +1,179 @@
+"""``distillery curate ...``: thin commands over :mod:`labeling.curation` (FiftyOne is imported
+only when a command runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+
+def _errors(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from engine.cli import UserError
+        from engine.config import ConfigError
+        from engine.store import StoreError
+        from labeling.curation.dataset import CurationError
+
+        try:
+            return fn(*args, **kwargs)
+        except (StoreError, ConfigError, CurationError, FileExistsError, FileNotFoundError) as e:
+            raise UserError(str(e)) from e
+
+    return wrapper
+
+
+@click.group()
+@click.option("--database-dir", envvar="FIFTYONE_DATABASE_DIR", type=click.Path(file_okay=False), default=None,
+              help="Where FiftyOne's MongoDB keeps its files (env FIFTYONE_DATABASE_DIR; FiftyOne's default: "
+                   "~/.fiftyone/var/lib/mongo).")
+@click.option("--database-uri", envvar="FIFTYONE_DATABASE_URI", default=None,
+              help="Use an existing MongoDB instead of FiftyOne's own (env FIFTYONE_DATABASE_URI).")
+def curate(database_dir, database_uri) -> None:
+    """Curate pseudo-labels in FiftyOne; decisions go back to the store as a versioned layer.
+
+    \b
+    distillery curate sync   --store store/ --dataset coco128
+    distillery curate app    --dataset coco128            # http://127.0.0.1:5151
+    distillery curate rules  --dataset coco128 --rules configs/curation.yaml
+    distillery curate commit --dataset coco128 --store store/
+    distillery curate report --store store/ --out report/
+    """
+    if database_dir:
+        os.environ["FIFTYONE_DATABASE_DIR"] = os.path.abspath(os.path.expanduser(database_dir))
+    if database_uri:
+        os.environ["FIFTYONE_DATABASE_URI"] = database_uri
+
+
+@curate.command("sync")
+@click.option("--store", required=True, type=click.Path(file_okay=False, exists=True), help="Label store directory.")
+@click.option("--labelset", default=None, help="Label set id or unique prefix (default: the only one).")
+@click.option("--dataset", "name", required=True, help="FiftyOne dataset name (created if new, persistent).")
+@click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None,
+              help="curation.yaml: thresholds for score bands and review signals (default thresholds otherwise).")
+@click.option("--no-phash", is_flag=True, help="Skip perceptual hashes (no near-duplicate view; no image decoding).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_errors
+def curate_sync(store, labelset, name, rules_path, no_phash, quiet):
+    """Store -> FiftyOne dataset, incrementally: adds new images, replaces changed ones,
+    restores committed decisions.
+
+    Example: distillery curate sync --store store/ --dataset coco128
+    """
+    from engine.store import LabelStore
+    from labeling.curation.config import CurationConfig
+    from labeling.curation.dataset import sync
+
+    ls = LabelStore(store).open(labelset)
+    s = sync(ls, name, CurationConfig.load(rules_path), with_phash=not no_phash, progress=not quiet)
+    click.echo(
+        f"dataset {s.dataset} <- label set {s.labelset}: {s.added} added, {s.updated} updated, {s.unchanged} unchanged "
+        f"({s.instances} instances, {s.errors} error images, {s.restored_decisions} decisions restored) in {s.seconds:.1f} s"
+    )
+    if not no_phash:
+        click.echo(f"near-duplicate images: {s.near_duplicate_images}")
+    click.echo(f"saved views: {', '.join(s.views)}")
+
+
+@curate.command("app")
+@click.option("--dataset", "name", required=True, help="FiftyOne dataset made by `curate sync`.")
+@click.option("--port", type=click.IntRange(1, 65535), default=5151, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; pass 0.0.0.0 explicitly to serve other machines (no authentication).")
+@click.option("--view", "view_name", default=None, help="Open this saved view (e.g. review-queue).")
+@_errors
+def curate_app(name, port, host, view_name):
+    """Serve the FiftyOne App for visual QA until interrupted (Ctrl-C).
+
+    Example: distillery curate app --dataset coco128 --view review-queue
+    """
+    from labeling.curation.dataset import CurationError, _fo, open_dataset
+
+    fo = _fo()
+    ds = open_dataset(name)
+    view = None
+    if view_name:
+        if view_name not in ds.list_saved_views():
+            raise CurationError(f"dataset {name!r} has no saved view {view_name!r}; it has: {', '.join(ds.list_saved_views())}")
+        view = ds.load_saved_view(view_name)
+    session = fo.launch_app(ds, view=view, port=port, address=host, remote=True, auto=False)
+    click.echo(f"FiftyOne App for {name!r}: http://{host}:{port}/  (saved views: {', '.join(ds.list_saved_views())})")
+    click.echo("Ctrl-C to stop.")
+    try:
+        session.wait(-1)
+    except KeyboardInterrupt:
+        pass
+
+
+@curate.command("rules")
+@click.option("--dataset", "name", required=True)
+@click.option("--rules", "rules_path", required=True, type=click.Path(dir_okay=False),
+              help="curation.yaml (see configs/curation.yaml).")
+@click.option("--overwrite-manual", is_flag=True, help="Also replace decisions people set in the App.")
+@_errors
+def curate_rules(name, rules_path, overwrite_manual):
+    """Apply rule-based decisions (accept / reject / ignore) to every instance.
+
+    Example: distillery curate rules --dataset coco128 --rules configs/curation.yaml
+    """
+    from labeling.curation.config import CurationConfig
+    from labeling.curation.dataset import apply_rules, open_dataset
+
+    ds = open_dataset(name)
+    counts = apply_rules(ds, CurationConfig.load(rules_path), overwrite_manual)
+    click.echo(
+        "rules set: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("accept", "reject", "ignore", "none"))
+        + f"; manual decisions kept: {counts.get('manual_kept', 0)}"
+    )
+
+
+@curate.command("commit")
+@click.option("--dataset", "name", required=True)
+@click.option("--store", required=True, type=click.Path(file_okay=False, exists=True))
+@_errors
+def curate_commit(name, store):
+    """Write the dataset's decisions to the store as a new curation version.
+
+    Example: distillery curate commit --dataset coco128 --store store/
+    """
+    from engine.store import LabelStore
+    from labeling.curation.dataset import commit, open_dataset
+
+    ds = open_dataset(name)
+    ls = LabelStore(store).open(ds.info["distillery"]["labelset"])
+    version, written, table = commit(ds, ls)
+    n = table.num_rows
+    if written:
+        click.echo(f"label set {ls.id}: curation version {version} written ({n} decisions)")
+    else:
+        click.echo(f"label set {ls.id}: decisions unchanged since curation version {version}; nothing written")
+
+
+@curate.command("report")
+@click.option("--store", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--labelset", default=None, help="Label set id or unique prefix (default: the only one).")
+@click.option("--out", required=True, type=click.Path(), help="Directory for the PNGs and report.json.")
+@click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None,
+              help="curation.yaml whose score bands are drawn (default thresholds otherwise).")
+@_errors
+def curate_report(store, labelset, out, rules_path):
+    """Per-class counts, score histograms and decision totals as PNGs plus report.json.
+
+    Example: distillery curate report --store store/ --out report/
+    """
+    from engine.store import LabelStore
+    from labeling.curation.config import CurationConfig
+    from labeling.curation.report import write_report
+
+    ls = LabelStore(store).open(labelset)
+    cfg = CurationConfig.load(rules_path)
+    cfg.check_classes(ls.classes, str(rules_path))
+    nums = write_report(ls, out, cfg)
+    d = nums["decisions"]
+    click.echo(f"report for {ls.id} (curation v{nums['curation_version']}) in {out}: counts.png, scores.png, "
+               f"decisions.png, report.json")
+    click.echo(json.dumps({k: d[k] for k in ("accept", "reject", "ignore", "undecided", "relabeled")}))

@@ -1,0 +1,182 @@
+"""Review signals: per-instance numbers that point at likely pseudo-label mistakes, a review
+priority that combines them, and perceptual-hash near-duplicate groups. Pure functions of
+label records (no FiftyOne), so rules and tests use them directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from torchvision.ops import box_iou
+
+from engine.record import LabelRecord
+from labeling.curation.config import CurationConfig
+
+#: Signals combined into the review priority (each in [0, 1], 1 = most suspicious).
+PRIORITY_SIGNALS = ("low_score", "ambiguous", "mask_box_disagree", "low_mask_score", "overlap", "size")
+
+
+@dataclass
+class InstanceSignals:
+    """Per-instance signals of one record; every array has length N (instances).
+
+    Attributes:
+        instance_id: ids from :attr:`LabelRecord.instance_ids`.
+        top: int64 top soft class index; ``top2``: runner-up index (== top when C == 1).
+        margin: float32 top-1 minus top-2 soft score in [0, 1] (1.0 when C == 1).
+        mask_box_iou: float32 IoU of the mask's own tight bbox with the box (0 for an empty mask).
+        area: float32 mask area / image area (pixels / pixels).
+        overlap_iou: float32 largest IoU of the box with another box of the same top class (0 if none).
+        band: ``confident`` | ``uncertain`` | ``below`` from the class's score band.
+        priority: float32 review priority in [0, 1] (see :func:`priority`); ``reason``: the
+            name of the strongest signal (one of :data:`PRIORITY_SIGNALS`).
+    """
+
+    instance_id: list
+    top: np.ndarray
+    top2: np.ndarray
+    margin: np.ndarray
+    mask_box_iou: np.ndarray
+    area: np.ndarray
+    overlap_iou: np.ndarray
+    band: list
+    priority: np.ndarray
+    reason: list
+
+
+def priority(signals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Review priority ``0.7 * max + 0.3 * mean`` over the signal columns, and the argmax.
+
+    Args:
+        signals: float ``(N, S)`` in [0, 1], columns in :data:`PRIORITY_SIGNALS` order.
+
+    Returns:
+        ``(priority float32 (N,), strongest int64 (N,))``. The max puts any one strong sign of
+        a mistake first; the mean breaks ties towards instances with several. A heuristic
+        ranking, not a probability.
+    """
+    if len(signals) == 0:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    return (0.7 * signals.max(1) + 0.3 * signals.mean(1)).astype(np.float32), signals.argmax(1)
+
+
+def instance_signals(rec: LabelRecord, classes: list[str], cfg: CurationConfig) -> InstanceSignals:
+    """Compute :class:`InstanceSignals` for one (non-error) record.
+
+    Mask bboxes and areas come from ``pycocotools.mask.toBbox`` / ``area``; box IoU from
+    ``torchvision.ops.box_iou``. Sizes are relative to ``width * height`` of the record.
+    """
+    n = rec.num_instances
+    ids = rec.instance_ids
+    if n == 0:
+        z = np.zeros(0, np.float32)
+        return InstanceSignals(ids, np.zeros(0, np.int64), np.zeros(0, np.int64), z, z, z, z, [], z, [])
+    order = np.argsort(-rec.scores, axis=1, kind="stable")
+    top = order[:, 0]
+    top2 = order[:, 1] if rec.num_classes > 1 else top
+    s1 = rec.scores[np.arange(n), top]
+    margin = (s1 - rec.scores[np.arange(n), top2]) if rec.num_classes > 1 else np.ones(n, np.float32)
+    xywh = mask_utils.toBbox(rec.masks).reshape(-1, 4)
+    mask_boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    boxes = torch.from_numpy(rec.boxes.astype(np.float64))
+    mb_iou = box_iou(torch.from_numpy(mask_boxes), boxes).diagonal().numpy()
+    mb_iou = np.where(xywh[:, 2] * xywh[:, 3] > 0, mb_iou, 0.0)
+    area = mask_utils.area(rec.masks).astype(np.float64) / float(rec.width * rec.height)
+    iou = box_iou(boxes, boxes).numpy()
+    same = (top[:, None] == top[None, :]) & ~np.eye(n, dtype=bool)
+    overlap = np.where(same, iou, 0.0).max(1)
+    bands = [cfg.band(classes[c]).of(float(s)) for c, s in zip(top, rec.box_score)]
+    size = ((area < cfg.min_area) | (area > cfg.max_area)).astype(np.float64)
+    sig = np.stack(
+        [1.0 - rec.box_score, 1.0 - margin, 1.0 - mb_iou, 1.0 - rec.mask_score, overlap, size], 1
+    ).clip(0.0, 1.0)
+    prio, strongest = priority(sig)
+    return InstanceSignals(
+        instance_id=ids,
+        top=top.astype(np.int64),
+        top2=top2.astype(np.int64),
+        margin=margin.astype(np.float32),
+        mask_box_iou=mb_iou.astype(np.float32),
+        area=area.astype(np.float32),
+        overlap_iou=overlap.astype(np.float32),
+        band=bands,
+        priority=prio,
+        reason=[PRIORITY_SIGNALS[i] for i in strongest],
+    )
+
+
+def fired_rules(box_score: float, band: str, margin: float, mask_box_iou: float, area: float,
+                overlap_iou: float, cfg: CurationConfig) -> list[str]:
+    """Names of the rule signals (:data:`labeling.curation.config.RULE_SIGNALS`) that hold for
+    one instance. ``band`` is its score band; the others as in :class:`InstanceSignals`."""
+    fired = [band]
+    if area < cfg.min_area:
+        fired.append("tiny")
+    if area > cfg.max_area:
+        fired.append("image_filling")
+    if margin < cfg.ambiguity_margin:
+        fired.append("ambiguous")
+    if mask_box_iou < cfg.mask_box_iou:
+        fired.append("mask_box_disagree")
+    if overlap_iou > cfg.overlap_iou:
+        fired.append("overlap")
+    return fired
+
+
+def rule_decision(fired: list[str], cfg: CurationConfig) -> str | None:
+    """The most severe decision (reject > ignore > accept) among the rules that fired; None
+    if no fired signal has a decision."""
+    from labeling.curation.config import SEVERITY
+
+    decisions = [cfg.rules.get(f) for f in fired]
+    decisions = [d for d in decisions if d is not None]
+    return max(decisions, key=SEVERITY.__getitem__) if decisions else None
+
+
+# -- near-duplicate images ----------------------------------------------------------------
+
+def phash(path: str) -> str | None:
+    """64-bit perceptual hash (``imagehash.phash``, DCT of the 32x32 grey image) of the
+    EXIF-corrected image as 16 hex digits; None if the file cannot be decoded."""
+    import imagehash
+
+    from engine.images import decode
+
+    d = decode(path)
+    if d.error is not None:
+        return None
+    from PIL import Image
+
+    return str(imagehash.phash(Image.fromarray(d.pixels)))
+
+
+def near_duplicate_groups(hashes: list[str | None], max_bits: int) -> list[int | None]:
+    """Group images whose pHashes differ in at most ``max_bits`` of 64 bits (transitively).
+
+    Neighbours come from ``sklearn.neighbors.NearestNeighbors`` (Hamming metric, ball tree),
+    groups from ``scipy.sparse.csgraph.connected_components``.
+
+    Returns:
+        per input, a group number (0, 1, ...; in order of first member) or None when the
+        image has no near duplicate or no hash.
+    """
+    from scipy.sparse.csgraph import connected_components
+    from sklearn.neighbors import NearestNeighbors
+
+    idx = [i for i, h in enumerate(hashes) if h]
+    out: list[int | None] = [None] * len(hashes)
+    if len(idx) < 2:
+        return out
+    bits = np.unpackbits(np.array([bytes.fromhex(hashes[i]) for i in idx]).view(np.uint8).reshape(len(idx), -1), axis=1)
+    nn = NearestNeighbors(radius=(max_bits + 0.5) / bits.shape[1], metric="hamming", algorithm="ball_tree")
+    graph = nn.fit(bits.astype(bool)).radius_neighbors_graph(bits.astype(bool), mode="connectivity")
+    _, comp = connected_components(graph, directed=False)
+    sizes = np.bincount(comp)
+    renum: dict[int, int] = {}
+    for i, c in zip(idx, comp):
+        if sizes[c] > 1:
+            out[i] = renum.setdefault(int(c), len(renum))
+    return out
