@@ -51,7 +51,8 @@ def curate(database_dir, database_uri) -> None:
 
 @curate.command("sync")
 @click.option("--store", required=True, type=click.Path(file_okay=False, exists=True), help="Label store directory.")
-@click.option("--labelset", default=None, help="Label set id or unique prefix (default: the only one).")
+@click.option("--labelset", default=None,
+              help="Label set id or unique prefix (default: the dataset's, else the store's only one).")
 @click.option("--dataset", "name", required=True, help="FiftyOne dataset name (created if new, persistent).")
 @click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None,
               help="curation.yaml: thresholds for score bands and review signals (default thresholds otherwise).")
@@ -66,9 +67,10 @@ def curate_sync(store, labelset, name, rules_path, no_phash, quiet):
     """
     from engine.store import LabelStore
     from labeling.curation.config import CurationConfig
-    from labeling.curation.dataset import sync
+    from labeling.curation.dataset import bound_labelset, sync
 
-    ls = LabelStore(store).open(labelset)
+    # an existing dataset already names its label set
+    ls = LabelStore(store).open(labelset or bound_labelset(name))
     s = sync(ls, name, CurationConfig.load(rules_path), with_phash=not no_phash, progress=not quiet)
     click.echo(
         f"dataset {s.dataset} <- label set {s.labelset}: {s.added} added, {s.updated} updated, {s.unchanged} unchanged "

@@ -253,6 +253,14 @@ class SyncSummary:
     views: list = field(default_factory=list)
 
 
+def bound_labelset(name: str) -> str | None:
+    """Id of the label set that dataset ``name`` was synced from; None if there is no such dataset."""
+    fo = _fo()
+    if not fo.dataset_exists(name):
+        return None
+    return (fo.load_dataset(name).info or {}).get("distillery", {}).get("labelset")
+
+
 def open_dataset(name: str, labelset: LabelSet | None = None, create: bool = False):
     """The persistent dataset ``name``; created (bound to ``labelset``) when ``create``.
 

@@ -139,18 +139,23 @@ def rule_decision(fired: list[str], cfg: CurationConfig) -> str | None:
 # -- near-duplicate images ----------------------------------------------------------------
 
 def phash(path: str) -> str | None:
-    """64-bit perceptual hash (``imagehash.phash``, DCT of the 32x32 grey image) of the
-    EXIF-corrected image as 16 hex digits; None if the file cannot be decoded."""
+    """64-bit perceptual hash (``imagehash.phash``: DCT of the 32x32 grey image) of the
+    EXIF-corrected image as 16 hex digits; None if the file cannot be decoded. JPEGs are
+    decoded at reduced scale (Pillow ``draft``, at least 64 px a side), which the 32x32
+    hash does not need more than."""
+    import warnings
+
     import imagehash
+    from PIL import Image, ImageOps
 
-    from engine.images import decode
-
-    d = decode(path)
-    if d.error is not None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBomb and EXIF warnings: size limits are the labeler's job
+            with Image.open(path) as im:
+                im.draft("L", (64, 64))
+                return str(imagehash.phash(ImageOps.exif_transpose(im)))
+    except Exception:  # noqa: BLE001 - any undecodable file just has no hash (its record says why)
         return None
-    from PIL import Image
-
-    return str(imagehash.phash(Image.fromarray(d.pixels)))
 
 
 def near_duplicate_groups(hashes: list[str | None], max_bits: int) -> list[int | None]:
