@@ -256,8 +256,11 @@ def teachers_tiny(out_dir, seed):
 
 def _register_stages() -> None:
     from labeling.curation.cli import curate
+    from student.cli import eval_cmd, train_cmd
 
     main.add_command(curate)
+    main.add_command(train_cmd)
+    main.add_command(eval_cmd)
 
 
 _register_stages()

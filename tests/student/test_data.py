@@ -1,0 +1,212 @@
+"""Training data from the store: selection by curation and thresholds, masks with holes and
+parts reaching the training target, labels that no path rule can lose."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from engine.images import content_id
+from engine.record import LabelRecord
+from engine.store import CURATION_SCHEMA, LabelStore
+from student.data import Selection, StoreSegDataset, build_table, mask_to_segment
+
+H, W = 240, 320
+CLASSES = ["cat", "dog"]
+
+
+def _img(path, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(path)
+    return content_id(path.read_bytes())
+
+
+def _rle(m):
+    return mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+
+
+def ring_and_two_parts():
+    yy, xx = np.mgrid[:H, :W]
+    d2 = (xx - 100) ** 2 + (yy - 120) ** 2
+    ring = (d2 <= 80**2) & (d2 >= 40**2)
+    two = np.zeros((H, W), bool)
+    two[30:110, 200:260] = True
+    two[150:220, 230:300] = True
+    return ring, two
+
+
+def _box(m):
+    ys, xs = np.nonzero(m)
+    return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+
+@pytest.fixture
+def store(tmp_path):
+    st = LabelStore(tmp_path / "store")
+    ls = st.create({"ontology": {"classes": CLASSES}, "test": "student"})
+    ring, two = ring_and_two_parts()
+    p = tmp_path / "images"
+    p.mkdir()
+    ids = [_img(p / f"{i}.png", i) for i in range(2)]
+    masks = [ring, two]
+    rec0 = LabelRecord(image_id=ids[0], path=str(p / "0.png"), width=W, height=H, num_classes=2,
+                       boxes=np.array([_box(m) for m in masks], np.float32),
+                       scores=np.array([[0.9, 0.1], [0.2, 0.6]], np.float32), box_score=[0.9, 0.6],
+                       masks=[_rle(m) for m in masks], mask_score=[0.9, 0.9])
+    # image 1: five small instances that exercise every selection rule
+    boxes, scores, ms = [], [], []
+    for k, (s_cat, s_dog) in enumerate([(0.8, 0.1), (0.2, 0.1), (0.05, 0.0), (0.1, 0.5), (0.7, 0.2)]):
+        m = np.zeros((H, W), bool)
+        m[10 + 40 * k:40 + 40 * k, 10:60] = True
+        boxes.append(_box(m)), scores.append([s_cat, s_dog]), ms.append(_rle(m))
+    sc = np.array(scores, np.float32)
+    rec1 = LabelRecord(image_id=ids[1], path=str(p / "1.png"), width=W, height=H, num_classes=2,
+                       boxes=np.array(boxes, np.float32), scores=sc, box_score=sc.max(1), masks=ms,
+                       mask_score=np.full(5, 0.9, np.float32))
+    with ls.writer() as w:
+        w.add(rec0.to_row()), w.add(rec1.to_row())
+        w.add(LabelRecord.failed(str(p / "gone.png"), "missing: file not found", 2).to_row())
+    return st, ls, rec0, rec1
+
+
+def test_selection_follows_thresholds_curation_and_weights(store):
+    _, ls, rec0, rec1 = store
+    t = build_table(ls, Selection(min_score=0.5, ignore_min_score=0.15, val_fraction=0.0))
+    s = t.stats
+    # rec0: both kept; rec1: 0.8 kept, 0.2 ignore, 0.05 background, dog 0.5 kept, 0.7 kept
+    assert (s["kept"], s["ignored"], s["background"], s["error_images"]) == (5, 1, 1, 1)
+    assert t.ignore.sum() == 1 and (t.hard == -1).sum() == 1
+    np.testing.assert_allclose(t.weight[~t.ignore], [0.9, 0.6, 0.8, 0.5, 0.7], rtol=1e-6)
+    np.testing.assert_array_equal(t.soft[1], np.float32([0.2, 0.6]))  # the teacher's vector, not one-hot
+    assert t.hard.tolist() == [0, 1, 0, -1, 1, 0]
+
+    # curation: reject one, ignore one, relabel one (one-hot, weight 1), reject image 0 entirely
+    ids1 = rec1.instance_ids
+    dec = [
+        {"image_id": rec1.image_id, "instance_id": ids1[0], "decision": "reject", "label": None, "source": "manual"},
+        {"image_id": rec1.image_id, "instance_id": ids1[4], "decision": "ignore", "label": None, "source": "rules"},
+        {"image_id": rec1.image_id, "instance_id": ids1[3], "decision": "accept", "label": "cat", "source": "manual"},
+        {"image_id": rec0.image_id, "instance_id": None, "decision": "reject", "label": None, "source": "manual"},
+    ]
+    assert ls.commit_curation(pa.Table.from_pylist(dec, schema=CURATION_SCHEMA)) == 1
+    t = build_table(ls, Selection(min_score=0.5, ignore_min_score=0.15, val_fraction=0.0))
+    s = t.stats
+    assert (s["rejected"], s["relabeled"], s["images_rejected"], s["kept"], s["ignored"]) == (1, 1, 1, 0, 2)
+    r = t.hard.tolist().index(0)
+    np.testing.assert_array_equal(t.soft[r], [1.0, 0.0])
+    assert t.weight[r] == 1.0
+    assert build_table(ls, Selection(curation=0, val_fraction=0.0)).stats["images_rejected"] == 0  # no curation
+
+    # a class subset: dogs become background, soft vectors keep the cat column only
+    t = build_table(ls, Selection(classes=("cat",), min_score=0.5, curation=0, val_fraction=0.0))
+    assert t.names == ["cat"] and t.soft.shape[1] == 1 and t.stats["background"] == 3
+    with pytest.raises(ValueError, match="horse"):
+        build_table(ls, Selection(classes=("horse",)))
+    with pytest.raises(ValueError, match="ignore_min_score"):
+        build_table(ls, Selection(min_score=0.2, ignore_min_score=0.3))
+
+
+def test_split_is_deterministic_by_image_id(store):
+    import hashlib
+
+    _, ls, rec0, rec1 = store
+    h = [int(hashlib.sha256(r.image_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF for r in (rec0, rec1)]
+    frac = sum(h) / 2  # one image on each side
+    a = build_table(ls, Selection(val_fraction=frac, curation=0))
+    b = build_table(ls, Selection(val_fraction=frac, curation=0))
+    assert a.images == b.images and len(a.images["val"]) == len(a.images["train"]) == 1
+    assert a.images["val"][0][0] == (rec0, rec1)[int(np.argmin(h))].path
+
+
+def _dataset(table, split="train", imgsz=W, mask_ratio=1, overlap=False):
+    from ultralytics.cfg import get_cfg
+
+    hyp = get_cfg(overrides={"mask_ratio": mask_ratio, "overlap_mask": overlap})
+    return StoreSegDataset(img_path="", imgsz=imgsz, augment=False, hyp=hyp, rect=False, batch_size=2,
+                           data={"names": dict(enumerate(table.names)), "nc": len(table.names), "channels": 3},
+                           task="segment", table=table, split=split, pad=0.0)
+
+
+def _letterboxed(mask, imgsz):
+    """The store mask as ultralytics' LetterBox(scaleup=False) places it in an imgsz square."""
+    r = min(imgsz / H, imgsz / W, 1.0)
+    nh, nw = round(H * r), round(W * r)
+    m = mask.astype(np.uint8) if r == 1 else np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((nw, nh))) > 127
+    top, left = round((imgsz - nh) / 2 - 0.1), round((imgsz - nw) / 2 - 0.1)
+    out = np.zeros((imgsz, imgsz), bool)
+    out[top:top + nh, left:left + nw] = m
+    return out
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_ring_and_two_part_masks_reach_the_training_target(store, overlap):
+    _, ls, rec0, _ = store
+    ring, two = ring_and_two_parts()
+    t = build_table(ls, Selection(val_fraction=0.0, curation=0))
+    ds = _dataset(t, overlap=overlap)
+    i = [p for p, _, _ in t.images["train"]].index(rec0.path)
+    item = ds[i]
+    masks = item["masks"].numpy()
+    rows = item["cls"].view(-1).long().tolist()
+    assert sorted(t.hard[rows].tolist()) == [0, 1]
+    for k, row in enumerate(rows):
+        target = (masks[0] == k + 1) if overlap else masks[k].astype(bool)
+        want = _letterboxed(ring if t.hard[row] == 0 else two, W)
+        iou = (target & want).sum() / (target | want).sum()
+        assert iou >= 0.95, (k, iou)
+    # the hole is open and both parts present
+    ring_target = (masks[0] == rows.index(0) + 1) if overlap else masks[rows.index(0)].astype(bool)
+    off = (W - W) // 2, (W - H) // 2
+    assert not ring_target[120 + off[1], 100 + off[0]]  # centre of the hole
+    two_target = (masks[0] == rows.index(1) + 1) if overlap else masks[rows.index(1)].astype(bool)
+    top = (H - H) // 2 + (W - H) // 2
+    for ys, xs in ((slice(30, 110), slice(200, 260)), (slice(150, 220), slice(230, 300))):  # each part covered
+        part = two_target[ys.start + top:ys.stop + top, xs]
+        assert part.mean() >= 0.95
+    extra = two_target & ~_letterboxed(two, W)  # the zero-width bridge merge_multi_segment draws
+    assert extra.sum() <= 0.02 * two.sum()
+
+
+def test_ignore_regions_carry_no_mask_and_keep_their_box(store):
+    _, ls, _, rec1 = store
+    t = build_table(ls, Selection(min_score=0.5, ignore_min_score=0.15, val_fraction=0.0, curation=0))
+    ds = _dataset(t, overlap=True)
+    i = [p for p, _, _ in t.images["train"]].index(rec1.path)
+    item = ds[i]
+    rows = item["cls"].view(-1).long().numpy()
+    ign = t.ignore[rows]
+    assert ign.sum() == 1 and ign[-1]  # appended after the real instances
+    assert int(item["masks"].max()) == (~ign).sum()  # no mask index for the ignore region
+    np.testing.assert_allclose(item["bboxes"][-1].numpy() * [W, W, W, W],  # xywh normalised to the padded square
+                               [35, 65 + (W - H) / 2, 50, 30], atol=1.0)  # instance 1: rows 50..80, cols 10..60
+
+
+def test_symlinked_image_folder_keeps_every_label(store, tmp_path):
+    """ultralytics finds label files by rewriting /images/ in the resolved path; the store
+    dataset has no label files, so a symlinked folder cannot lose labels."""
+    st, ls, rec0, rec1 = store
+    link = tmp_path / "linked" / "images"
+    link.parent.mkdir()
+    os.symlink(tmp_path / "images", link)
+    ls2 = st.create({"ontology": {"classes": CLASSES}, "test": "symlink"})
+    with ls2.writer() as w:
+        for r in (rec0, rec1):
+            r2 = LabelRecord(**{**r.__dict__, "path": str(link / os.path.basename(r.path))})
+            w.add(r2.to_row())
+    t = build_table(ls2, Selection(min_score=0.0, ignore_min_score=0.0, val_fraction=0.0, curation=0))
+    ds = _dataset(t)
+    assert sum(len(lb["cls"]) for lb in ds.labels) == 7
+    assert sum(len(ds[i]["cls"]) for i in range(len(ds))) == 7
+
+
+def test_mask_to_segment_empty_and_single():
+    assert mask_to_segment(np.zeros((5, 5), bool)).shape == (0, 2)
+    m = np.zeros((20, 20), bool)
+    m[5:10, 5:15] = True
+    seg = mask_to_segment(m)
+    assert seg[:, 0].min() == pytest.approx(5, abs=0.01) and seg[:, 0].max() == pytest.approx(14, abs=0.01)
