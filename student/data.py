@@ -104,7 +104,7 @@ class TrainTable:
     seconds: float = 0.0
 
 
-def build_table(labelset: LabelSet, sel: Selection | None = None) -> TrainTable:
+def build_table(labelset: LabelSet, sel: Selection | None = None, require_train: bool = True) -> TrainTable:
     """Select training instances from ``labelset`` (see :class:`Selection` and the module doc).
 
     Per instance, in order: an image-level ``reject`` or ``ignore`` drops the image; a
@@ -115,7 +115,8 @@ def build_table(labelset: LabelSet, sel: Selection | None = None) -> TrainTable:
     ``ignore_min_score``, background below.
 
     Raises:
-        ValueError: a bad selection setting; StoreError: no such curation version.
+        ValueError: a bad selection setting; StoreError: no such curation version, or no
+        training image left (when ``require_train``).
     """
     t0 = time.perf_counter()
     sel = sel or Selection()
@@ -192,7 +193,7 @@ def build_table(labelset: LabelSet, sel: Selection | None = None) -> TrainTable:
             rows.append(len(hard) - 1)
         images[split].append((rec.path, (rec.height, rec.width), rows))
     st["train_images"], st["val_images"] = len(images["train"]), len(images["val"])
-    if not images["train"]:
+    if require_train and not images["train"]:
         raise StoreError(f"label set {labelset.id}: no training images after selection ({dict(st)}); "
                          "lower --min-score, check curation decisions, or lower --val-fraction")
     return TrainTable(

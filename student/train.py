@@ -57,7 +57,7 @@ class SoftSegmentationTrainer(SegmentationTrainer):
                 raise StoreError(f"val label set {gt.id} lacks class(es) {missing} of the training ontology")
             vsel = Selection(min_score=0.0, ignore_min_score=0.0, weight="none", classes=tuple(self.table.names),
                              val_fraction=1.0, curation=0)
-            self.val_table = build_table(gt, vsel)
+            self.val_table = build_table(gt, vsel, require_train=False)
         from ultralytics.utils import LOGGER
 
         LOGGER.info(table_summary(self.table))
@@ -127,7 +127,7 @@ def _as_val(t: TrainTable) -> TrainTable:
 
 def train(store: str | Path, out: str | Path, model: str = "yolov8n-seg.yaml", labelset: str | None = None,
           selection: Selection | None = None, val_labelset: str | None = None, resume: bool = False,
-          **train_args) -> Path:
+          callbacks: dict | None = None, **train_args) -> Path:
     """Train a student; returns the run directory.
 
     Args:
@@ -138,6 +138,7 @@ def train(store: str | Path, out: str | Path, model: str = "yolov8n-seg.yaml", l
         val_labelset: validate on this label set (e.g. GT imported with ``labels import``)
             instead of the held-out split.
         resume: continue ``out/weights/last.pt`` (same data and settings).
+        callbacks: ultralytics callbacks to add, ``{event: fn(trainer)}``.
         train_args: any ultralytics train argument (epochs, imgsz, batch, seed, mosaic...).
 
     Raises:
@@ -150,6 +151,8 @@ def train(store: str | Path, out: str | Path, model: str = "yolov8n-seg.yaml", l
         if not last.is_file():
             raise FileNotFoundError(f"nothing to resume: {last} does not exist")
         trainer = SoftSegmentationTrainer(overrides={"resume": str(last)})
+        for event, fn in (callbacks or {}).items():
+            trainer.add_callback(event, fn)
         trainer.train()
         return out
     if last.exists():
@@ -185,5 +188,7 @@ def train(store: str | Path, out: str | Path, model: str = "yolov8n-seg.yaml", l
         (Path(tr.save_dir) / "distillery.json").write_text(json.dumps(info, indent=2))
 
     trainer.add_callback("on_pretrain_routine_end", record)
+    for event, fn in (callbacks or {}).items():
+        trainer.add_callback(event, fn)
     trainer.train()
     return Path(trainer.save_dir)
