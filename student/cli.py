@@ -9,19 +9,15 @@ import click
 
 
 def _errors(fn):
+    """engine.cli's clean errors (ValueError and store/file errors as one line, no traceback);
+    imported when called, as engine.cli registers these commands while it loads."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from engine.cli import UserError
-        from engine.config import ConfigError
-        from engine.store import StoreError
-        from student.eval import EvalError
+        from engine.cli import _fail_cleanly
 
-        try:
-            return fn(*args, **kwargs)
-        except (StoreError, ConfigError, EvalError, ValueError, FileExistsError, FileNotFoundError) as e:
-            raise UserError(str(e)) from e
+        return _fail_cleanly(fn)(*args, **kwargs)
 
     return wrapper
 
