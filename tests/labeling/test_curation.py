@@ -265,6 +265,18 @@ def test_near_duplicate_groups_on_real_photos(coco128, tmp_path):
     assert near_duplicate_groups(chain, max_bits=5) == [None] * 4
 
 
+def test_a_database_other_than_the_requested_one_is_refused(fo, monkeypatch, tmp_path):
+    from labeling.curation.dataset import check_database
+
+    monkeypatch.delenv("FIFTYONE_DATABASE_URI")
+    monkeypatch.setenv("FIFTYONE_DATABASE_DIR", str(tmp_path / "elsewhere"))
+    with pytest.raises(CurationError, match="another FiftyOne process"):
+        check_database()
+    monkeypatch.setenv("FIFTYONE_DATABASE_DIR", fo.core.odm.database.get_db_client().admin.command(
+        "getCmdLineOpts")["parsed"]["storage"]["dbPath"])
+    check_database()  # the one it is connected to: fine
+
+
 def test_config_errors_name_the_problem(tmp_path):
     bad = [
         ({"min_area": 2}, "min_area must be a number in"),
@@ -296,9 +308,17 @@ def test_cli_sync_rules_commit_report(fo, dataset_name, store, tmp_path):
     run = CliRunner().invoke
     r = run(main, ["curate", "sync", "--store", str(st.root), "--dataset", dataset_name, "--quiet"])
     assert r.exit_code == 0, r.output
-    assert "4 added, 0 updated, 0 unchanged (10 instances, 1 error images" in r.output and "review-queue" in r.output
+    assert "4 added, 0 updated, 0 unchanged images (written: 10 instances, 1 error images" in r.output
+    assert "review-queue" in r.output
     r = run(main, ["curate", "rules", "--dataset", dataset_name, "--rules", str(rules)])
     assert r.exit_code == 0 and "accept 2, reject 3, ignore 5" in r.output, r.output
+    assert "ambiguous 1" in r.output and "tiny 1" in r.output  # which signals held
+    # a sync with other thresholds re-bands every instance, not only new ones
+    rules2 = tmp_path / "strict.yaml"
+    rules2.write_text(yaml.safe_dump({"score_bands": {"default": {"confident": 0.95, "below": 0.3}}}))
+    r = run(main, ["curate", "sync", "--store", str(st.root), "--dataset", dataset_name, "--quiet", "--rules", str(rules2)])
+    assert r.exit_code == 0 and "0 added" in r.output and "instances changed band" in r.output, r.output
+    assert "confident" not in fo.load_dataset(dataset_name).count_values(f"{FIELD}.detections.band")
     r = run(main, ["curate", "commit", "--dataset", dataset_name, "--store", str(st.root)])
     assert r.exit_code == 0 and "curation version 1 written (10 decisions)" in r.output, r.output
     out = tmp_path / "report"
