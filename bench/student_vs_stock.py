@@ -60,7 +60,7 @@ def main() -> None:
     from labeling.coco import import_coco
     from labeling.yolo import export_yolo_seg
     from student.data import Selection
-    from student.eval import evaluate, load_gt, predict_student
+    from engine.evaluation import evaluate, load_gt, predict_ultralytics
     from student.train import train
 
     work = args.out or Path(tempfile.mkdtemp(prefix="student-vs-stock-"))
@@ -90,7 +90,7 @@ def main() -> None:
     paths = [str(COCO128 / "images" / im["file_name"]) for im in gt["images"]]
     rows = {}
     for name, ckpt in (("stock", work / "stock" / "weights" / "best.pt"), ("ours", run / "weights" / "best.pt")):
-        rep = evaluate(gt, predict_student(ckpt, paths, imgsz=args.imgsz), ["person"], image_files=paths)
+        rep = evaluate(gt, predict_ultralytics(ckpt, paths, imgsz=args.imgsz), ["person"], image_files=paths)
         rows[name] = rep
     print(f"\n{args.n} photos, class person, yolov8n-seg.yaml from scratch, {args.epochs} epochs, imgsz {args.imgsz}, "
           f"mosaic off, seed 0 (work dir {work})")

@@ -255,10 +255,12 @@ def teachers_tiny(out_dir, seed):
 
 
 def _register_stages() -> None:
+    from export.cli import export
     from labeling.curation.cli import curate
     from student.cli import eval_cmd, train_cmd
 
     main.add_command(curate)
+    main.add_command(export)
     main.add_command(train_cmd)
     main.add_command(eval_cmd)
 

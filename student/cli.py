@@ -112,7 +112,7 @@ def eval_cmd(model_path, images_dir, store, labelset, gt_path, out, imgsz, conf,
     distillery eval --store store/ --labelset ID --gt annotations.json --out report/
     """
     from engine.images import list_source
-    from student.eval import evaluate, load_gt, predict_student, records_to_predictions, write_report
+    from engine.evaluation import evaluate, load_gt, predict_ultralytics, records_to_predictions, write_report
 
     if (model_path is None) == (store is None):
         raise click.UsageError("give exactly one of --model (a student) or --store (a label set)")
@@ -127,7 +127,7 @@ def eval_cmd(model_path, images_dir, store, labelset, gt_path, out, imgsz, conf,
         from ultralytics import YOLO
 
         names = list(YOLO(model_path, task="segment").names.values())
-        preds = predict_student(model_path, paths, imgsz=imgsz, conf=conf, device=device)
+        preds = predict_ultralytics(model_path, paths, imgsz=imgsz, conf=conf, device=device)
         report = evaluate(gt, preds, names, image_files=paths)
         title = f"{Path(model_path).name} on {Path(gt_path).name}"
     else:

@@ -106,3 +106,14 @@ def test_broken_symlink_is_listed_and_recorded_missing(tmp_path, photo):
     assert [p.rsplit("/", 1)[1] for p in paths] == ["broken.jpg", "ok.jpg"]
     assert decode(paths[0]).error.startswith("missing")
     assert decode(paths[1]).error is None
+
+
+def test_garbage_file_is_an_error_record_even_after_ultralytics_is_imported(tmp_path):
+    """ultralytics patches PIL.Image.open (HEIF plugin on the first unidentified file)."""
+    import ultralytics.utils.patches  # noqa: F401
+
+    from engine.images import decode
+
+    p = tmp_path / "garbage.jpg"
+    p.write_bytes(b"definitely not an image" * 20)
+    assert decode(str(p)).error.startswith("not-an-image")

@@ -14,7 +14,7 @@ from PIL import Image
 from engine.store import LabelStore
 from labeling.coco import import_coco
 from student.data import Selection
-from student.eval import evaluate, records_to_predictions, write_report
+from engine.evaluation import evaluate, records_to_predictions, write_report
 
 pytestmark = pytest.mark.slow
 

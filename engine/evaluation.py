@@ -1,6 +1,7 @@
 """Evaluation against COCO ground truth with ``pycocotools`` ``COCOeval``: box and mask
-mAP50-95 and mAP50, per-class AP, precision-recall curves, for a student checkpoint or for a
-label set itself (how good are the pseudo-labels).
+mAP50-95 and mAP50, per-class AP, precision-recall curves, for a student checkpoint (PyTorch
+or an exported ONNX, through ultralytics' predictor) or for a label set itself (how good are
+the pseudo-labels). Shared by the student (``distillery eval``) and export (``export check``).
 
 Predictions are first put in one neutral form -- ``{"file_name", "class_name", "score",
 "bbox" (xywh px), "segmentation" (COCO RLE over the full image)}`` -- then mapped to the GT:
@@ -47,12 +48,16 @@ def records_to_predictions(records: Iterable[LabelRecord], classes: list[str], m
     return out
 
 
-def predict_student(model_path: str | Path, image_paths: list[str], imgsz: int = 640, conf: float = 0.001,
-                    iou: float = 0.7, max_det: int = 100, device: str | None = None) -> list[dict]:
-    """Run an ultralytics segmentation checkpoint on ``image_paths`` -> neutral predictions.
+def predict_ultralytics(model_path: str | Path, image_paths: list[str], imgsz: int = 640, conf: float = 0.001,
+                        iou: float = 0.7, max_det: int = 100, device: str | None = None,
+                        timings: list | None = None) -> list[dict]:
+    """Run an ultralytics segmentation model (``.pt``, or an exported ``.onnx`` run by ONNX
+    Runtime through ultralytics' ``AutoBackend``) on ``image_paths`` -> neutral predictions.
 
     Masks are predicted at full image resolution (``retina_masks=True``) so they compare with
-    the GT's pixels; ``conf`` is low (COCO practice) so the PR curve is complete.
+    the GT's pixels; ``conf`` is low (COCO practice) so the PR curve is complete. ``timings``,
+    if given, receives each image's ultralytics ``speed`` dict (ms: preprocess, inference,
+    postprocess).
     """
     from ultralytics import YOLO
 
@@ -60,6 +65,8 @@ def predict_student(model_path: str | Path, image_paths: list[str], imgsz: int =
     out = []
     for r in model.predict(source=list(image_paths), imgsz=imgsz, conf=conf, iou=iou, max_det=max_det,
                            retina_masks=True, stream=True, verbose=False, device=device):
+        if timings is not None:
+            timings.append(dict(r.speed))
         if r.boxes is None or not len(r.boxes):
             continue
         xyxy = r.boxes.xyxy.cpu().numpy()

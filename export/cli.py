@@ -1,0 +1,145 @@
+"""``distillery export onnx|int8|engine|check``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _errors(fn):
+    """engine.cli's clean errors, imported when called (engine.cli registers this group)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from engine.cli import _fail_cleanly
+
+        return _fail_cleanly(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+@click.group("export")
+def export() -> None:
+    """Export the student: ONNX, calibrated INT8 (Q/DQ), per-device TensorRT engines, checks.
+
+    \b
+    distillery export onnx   --model runs/NAME/weights/best.pt --imgsz 640 --out student.onnx
+    distillery export int8   --model student.onnx --store store/ --calib-images 512 --out student.int8.onnx
+    distillery export engine --model student.int8.trt.onnx --device-profile configs/devices/jetson-orin-nx.yaml --out student.orin.engine
+    distillery export check  --model best.pt --onnx student.onnx --int8 student.int8.onnx --gt annotations.json --images DIR
+    """
+
+
+@export.command("onnx")
+@click.option("--model", required=True, type=click.Path(dir_okay=False, exists=True), help="Student checkpoint (.pt).")
+@click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True)
+@click.option("--batch", default="1", show_default=True, help="Fixed batch size, or 'dynamic'.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: ultralytics' choice).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--check-images", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Folder of real photos for a PyTorch/ONNX raw-output parity check (first 8).")
+@_errors
+def export_onnx_cmd(model, imgsz, batch, opset, out, check_images):
+    """Export the student to ONNX with metadata (classes, input size, preprocessing, label set)."""
+    from export.onnx import export_onnx, metadata, raw_parity
+
+    path = export_onnx(model, out, imgsz=imgsz, batch=batch, opset=opset)
+    meta = metadata(path)
+    click.echo(f"wrote {path}: input {meta.get('batch')}x3x{imgsz}x{imgsz}, classes {meta.get('names')}, "
+               f"label set {meta.get('distillery_labelset', 'unknown')}")
+    if check_images:
+        from engine.images import list_source
+
+        d = raw_parity(model, path, list_source(check_images)[:8], imgsz)
+        click.echo("parity (max |PyTorch - ONNX Runtime|): " + ", ".join(
+            f"{k} {d[k]:.2e} of {d[k + '_scale']:.2e}" for k in ("output0", "output1")))
+
+
+@export.command("int8")
+@click.option("--model", required=True, type=click.Path(dir_okay=False, exists=True), help="FP32 ONNX (fixed batch).")
+@click.option("--store", type=click.Path(file_okay=False, exists=True), default=None, help="Calibrate on a label set's images.")
+@click.option("--labelset", default=None, help="With --store: label set id or prefix (default: the only one).")
+@click.option("--images", "images_dir", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Or calibrate on a folder of in-domain images.")
+@click.option("--calib-images", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
+@click.option("--quantize-head", is_flag=True, help="Also quantize the detection/mask head (not recommended).")
+@click.option("--exclude", multiple=True, help="Another node name to keep in FP32 (repeatable).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="CPU artifact; the TensorRT one is *.trt.onnx beside it.")
+@_errors
+def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, quantize_head, exclude, out):
+    """Calibrate once, write INT8 Q/DQ ONNX for ONNX Runtime CPU (unsigned activations) and
+    for TensorRT (signed symmetric), head in FP32 by default."""
+    from export.int8 import calibration_images, qdq_counts, quantize
+
+    if (store is None) == (images_dir is None):
+        raise click.UsageError("give exactly one calibration source: --store (a label set) or --images (a folder)")
+    ls = None
+    if store:
+        from engine.store import LabelStore
+
+        ls = LabelStore(store).open(labelset)
+    paths = calibration_images(ls, images_dir, calib_images)
+    r = quantize(model, out, paths, method=method, keep_head_fp32=not quantize_head, exclude=list(exclude))
+    for target in ("cpu", "tensorrt"):
+        q = qdq_counts(r[target])
+        click.echo(f"{target:9} {r[target]}: {q['QuantizeLinear']} QuantizeLinear / {q['DequantizeLinear']} "
+                   f"DequantizeLinear, activations {'/'.join(q['activation_zero_point_dtypes'])}")
+    click.echo(f"calibrated on {r['calibration_images']} images ({method}); {r['excluded_nodes']} nodes kept in FP32"
+               + (f"; unreadable, skipped: {len(r['skipped'])}" if r["skipped"] else ""))
+
+
+@export.command("engine")
+@click.option("--model", required=True, type=click.Path(dir_okay=False, exists=True), help="TensorRT QDQ ONNX (*.trt.onnx).")
+@click.option("--device-profile", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@_errors
+def export_engine_cmd(model, device_profile, out):
+    """Build a strongly typed TensorRT engine on this (GPU) machine, with a manifest beside it."""
+    from export.engine import DeviceProfile, build_engine
+
+    try:
+        m = build_engine(model, DeviceProfile.load(device_profile), out)
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"wrote {out} for {m['gpu_name']} (sm {m['compute_capability']}), TensorRT {m['tensorrt_version']}; "
+               f"manifest {out}.json")
+
+
+@export.command("check")
+@click.option("--model", "pt", type=click.Path(dir_okay=False, exists=True), default=None, help="PyTorch checkpoint.")
+@click.option("--onnx", "fp32", type=click.Path(dir_okay=False, exists=True), default=None, help="FP32 ONNX.")
+@click.option("--int8", "int8", type=click.Path(dir_okay=False, exists=True), default=None, help="INT8 ONNX (CPU artifact).")
+@click.option("--gt", "gt_path", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--imgsz", type=click.IntRange(min=32), default=None, help="Default: the ONNX's input size, else 640.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N GT images only.")
+@click.option("--out", type=click.Path(), default=None, help="Write the report JSON here.")
+@_errors
+def export_check_cmd(pt, fp32, int8, gt_path, images_dir, imgsz, limit, out):
+    """PyTorch vs FP32 ONNX vs INT8 ONNX on the same images: mAP, INT8 agreement, latency."""
+    from engine.evaluation import load_gt
+    from export.check import export_check, format_report, image_list
+    from export.onnx import metadata
+
+    models = {k: v for k, v in (("pytorch", pt), ("fp32", fp32), ("int8", int8)) if v}
+    if not models:
+        raise click.UsageError("give at least one of --model, --onnx, --int8")
+    if imgsz is None:
+        onnx_any = fp32 or int8
+        imgsz = int(json.loads(metadata(onnx_any).get("imgsz", "[640]"))[0]) if onnx_any else 640
+    gt = load_gt(gt_path)
+    paths = image_list(images_dir, gt, limit)
+    if not paths:
+        raise click.UsageError(f"no image of {gt_path} is in {images_dir}")
+    from ultralytics import YOLO
+
+    names = list(YOLO(next(iter(models.values())), task="segment").names.values())
+    r = export_check(models, gt, paths, imgsz, names)
+    click.echo(format_report(r))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(r, indent=2))
