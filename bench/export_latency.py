@@ -58,7 +58,8 @@ def main() -> None:
 
         ls, _ = import_coco(LabelStore(work / "store"), str(gt_path), str(COCO128 / "images"))
         run = train(work / "store", work / "run", selection=Selection(val_fraction=0.0), val_labelset=ls.id,
-                    epochs=150, imgsz=320, batch=16, mosaic=0.0, seed=0, deterministic=True, plots=False, workers=2)
+                    epochs=150, imgsz=320, batch=16, mosaic=0.0, seed=0, deterministic=True, plots=False, workers=2,
+                    patience=150)
         model = run / "weights" / "best.pt"
 
     fp32 = export_onnx(model, work / "student.onnx", imgsz=args.imgsz)
