@@ -9,32 +9,12 @@ from pathlib import Path
 
 import click
 
+from engine.cli_errors import UserError, fail_cleanly
 from engine.images import DEFAULT_MAX_PIXELS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_PRESET = Path(__file__).resolve().parent.parent / "configs" / "teachers" / "default.yaml"
-
-
-class UserError(click.ClickException):
-    """An error caused by input the user can fix; printed without a traceback."""
-
-
-def _fail_cleanly(fn):
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from engine.images import SourceError
-        from engine.store import StoreError
-
-        user_errors = (SourceError, StoreError, FileNotFoundError, FileExistsError, ValueError)
-        try:
-            return fn(*args, **kwargs)
-        except user_errors as e:
-            raise UserError(str(e)) from e
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -58,7 +38,7 @@ def main() -> None:
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per Parquet shard.")
 @click.option("--block-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per decode task (Ray block).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_fail_cleanly
+@fail_cleanly
 def label(sources, classes, ontology_path, store, preset_path, runner, ray_address, max_pixels, shard_size,
           block_size, quiet):
     """Label images with the teachers into a label set of STORE.
@@ -130,7 +110,7 @@ def labels() -> None:
 @click.option("--store", required=True, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--errors", "list_errors", is_flag=True, help="Also list every error record: path and reason.")
-@_fail_cleanly
+@fail_cleanly
 def labels_info(store, as_json, list_errors):
     """List the label sets of STORE with their counts.
 
@@ -176,7 +156,7 @@ def labels_info(store, as_json, list_errors):
 @click.option("--val-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="yolo-seg: share of images in val.")
 @click.option("--overwrite", is_flag=True, help="yolo-seg: replace the images/ and labels/ of an existing OUT.")
-@_fail_cleanly
+@fail_cleanly
 def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite):
     """Export a label set as a COCO instances file or an ultralytics YOLO-seg dataset.
 
@@ -208,7 +188,7 @@ def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite)
 @click.option("--coco", "coco_path", required=True, type=click.Path(dir_okay=False, exists=True))
 @click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--store", required=True, type=click.Path(file_okay=False))
-@_fail_cleanly
+@fail_cleanly
 def labels_import(coco_path, images_dir, store):
     """Import an existing COCO instances file (human labels) as a label set.
 

@@ -7,18 +7,10 @@ from pathlib import Path
 
 import click
 
+from engine.cli_errors import fail_cleanly
 
-def _errors(fn):
-    """engine.cli's clean errors, imported when called (engine.cli registers this group)."""
-    import functools
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from engine.cli import _fail_cleanly
-
-        return _fail_cleanly(fn)(*args, **kwargs)
-
-    return wrapper
+_errors = fail_cleanly
 
 
 @click.group("export")

@@ -7,19 +7,10 @@ from pathlib import Path
 
 import click
 
+from engine.cli_errors import fail_cleanly
 
-def _errors(fn):
-    """engine.cli's clean errors (ValueError and store/file errors as one line, no traceback);
-    imported when called, as engine.cli registers these commands while it loads."""
-    import functools
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from engine.cli import _fail_cleanly
-
-        return _fail_cleanly(fn)(*args, **kwargs)
-
-    return wrapper
+_errors = fail_cleanly
 
 
 def _class_thresholds(values) -> dict:
