@@ -12,18 +12,23 @@ class UserError(click.ClickException):
 
 
 def fail_cleanly(fn):
-    """Decorator: source, store, config and value errors and missing/existing files become
-    :class:`UserError` (their message, exit status 1); anything else keeps its traceback."""
+    """Decorator: source, store, config and value errors, file problems (missing, existing,
+    permission, directory) and an unreachable database become :class:`UserError` (their
+    message, exit status 1); anything else keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from engine.images import SourceError
         from engine.store import StoreError
 
-        user_errors = (SourceError, StoreError, FileNotFoundError, FileExistsError, ValueError)
+        user_errors = (SourceError, StoreError, FileNotFoundError, FileExistsError, PermissionError,
+                       IsADirectoryError, NotADirectoryError, ValueError)
         try:
             return fn(*args, **kwargs)
         except user_errors as e:
             raise UserError(str(e)) from e
+        except ConnectionError as e:  # FiftyOne's MongoDB (another command may be starting it)
+            raise UserError(f"{e}: the database is not reachable; if another command is starting it, retry in a "
+                            "few seconds") from e
 
     return wrapper

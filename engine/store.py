@@ -172,7 +172,27 @@ class LabelSet:
         """Committed curation versions, oldest first (empty: never curated)."""
         if not self.curation_dir.is_dir():
             return []
-        return sorted(int(p.stem[1:]) for p in self.curation_dir.glob("v[0-9]*.parquet"))
+        import re
+
+        names = (re.fullmatch(r"v(\d+)\.parquet", p.name) for p in self.curation_dir.iterdir())
+        return sorted(int(m.group(1)) for m in names if m)
+
+    def curation_lock(self):
+        """Context manager: an exclusive lock (flock) on this label set's curation layer, so
+        that read-compare-write sequences (``curate commit``) do not interleave."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def lock():
+            self.curation_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.curation_dir / ".lock", "w") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
+        return lock()
 
     def curation(self, version: int | None = None) -> tuple[pa.Table, dict]:
         """Decisions of one curation version (default: the latest) as a table of
@@ -189,7 +209,12 @@ class LabelSet:
             version = versions[-1]
         if version not in versions:
             raise StoreError(f"label set {self.id} has no curation version {version} (has: {versions or 'none'})")
-        t = pq.read_table(self.curation_dir / f"v{version:04d}.parquet")
+        path = self.curation_dir / f"v{version:04d}.parquet"
+        try:
+            t = pq.read_table(path)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise StoreError(f"{path}: unreadable curation version ({e}); restore it from a backup, or remove it to "
+                             "fall back to the previous version") from e
         meta = json.loads((t.schema.metadata or {}).get(b"distillery", b"{}"))
         return t.replace_schema_metadata(None), meta
 

@@ -91,6 +91,14 @@ def curate_app(name, port, host, view_name):
         if view_name not in ds.list_saved_views():
             raise CurationError(f"dataset {name!r} has no saved view {view_name!r}; it has: {', '.join(ds.list_saved_views())}")
         view = ds.load_saved_view(view_name)
+    import socket
+
+    with socket.socket() as sock:  # FiftyOne would retry forever on a busy port, or join another App
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise CurationError(f"cannot serve on {host}:{port} ({e.strerror}); another program (or App) uses it: "
+                                "choose another --port") from e
     session = fo.launch_app(ds, view=view, port=port, address=host, remote=True, auto=False)
     click.echo(f"FiftyOne App for {name!r}: http://{host}:{port}/  (saved views: {', '.join(ds.list_saved_views())})")
     click.echo("Ctrl-C to stop.")

@@ -104,7 +104,8 @@ class CurationConfig:
         def frac(key: str, lo: float = 0.0, hi: float = 1.0) -> float:
             v = d.get(key, cls.__dataclass_fields__[key].default)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-                raise ConfigError(f"{source}: {key} must be a number in [{lo}, {hi}], got {v!r}")
+                hint = " (YAML reads 1e-3 as text: write 0.001 or 1.0e-3)" if isinstance(v, str) else ""
+                raise ConfigError(f"{source}: {key} must be a number in [{lo}, {hi}], got {v!r}{hint}")
             return float(v)
 
         bands = {"default": Band()}

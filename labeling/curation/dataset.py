@@ -165,11 +165,9 @@ def record_to_sample(rec: LabelRecord, classes: list[str], cfg: CurationConfig, 
             rule_decision=None,
         )
         c = carried.get(sig.instance_id[k])
-        if c:
+        if c:  # a class correction travels as its relabel: tag, so removing the tag undoes it
             d.tags = list(c["tags"])
             d["rule_decision"] = c.get("rule_decision")
-            if c.get("label"):
-                d.label = c["label"]
         dets.append(d)
     s[FIELD] = fo.Detections(detections=dets)
     return s
@@ -205,8 +203,9 @@ def sample_to_record(sample, classes: list[str]) -> LabelRecord:
 def _decision_of(tags: list[str], where: str) -> str | None:
     ds = [t for t in tags or [] if t in DECISIONS]
     if len(set(ds)) > 1:
-        raise CurationError(f"{where} has conflicting decision tags {sorted(set(ds))}; keep one (saved view "
-                            "'conflicting-decisions' lists them)")
+        hint = ("filter by sample tags in the App to find it" if where.startswith("image")
+                else "saved view 'conflicting-decisions' lists them")
+        raise CurationError(f"{where} has conflicting decision tags {sorted(set(ds))}; keep one ({hint})")
     return ds[0] if ds else None
 
 
@@ -219,12 +218,14 @@ def collect_decisions(samples, classes: list[str]) -> pa.Table:
         CurationError: an instance or image has two different decision tags, several
             ``relabel:`` tags, or a correction to a class outside the ontology.
     """
-    cols = ["filepath", "image_id", "tags", f"{FIELD}.detections.instance_uid", f"{FIELD}.detections.tags",
+    cols = ["filepath", "image_id", "error", "tags", f"{FIELD}.detections.instance_uid", f"{FIELD}.detections.tags",
             f"{FIELD}.detections.label", f"{FIELD}.detections.teacher_label", f"{FIELD}.detections.rule_decision"]
     vals = samples.values(cols)
     known = set(classes)
     rows = []
-    for path, image_id, stags, iids, ltags, labels, teacher, rdec in zip(*vals):
+    for path, image_id, error, stags, iids, ltags, labels, teacher, rdec in zip(*vals):
+        if error is not None:
+            continue  # a failed image has no labels to decide on (the student never sees it)
         d = _decision_of(stags, f"image {path}")
         if d is not None:
             rows.append({"image_id": image_id, "instance_id": None, "decision": d, "label": None, "source": "manual"})
@@ -267,8 +268,11 @@ def _carried_from_samples(view) -> dict:
         if keep:
             out[image_id] = {"tags": keep, "label": None, "rule_decision": None}
         for iid, tags, lab, tlab, rd in zip(iids or [], ltags or [], labels or [], teacher or [], rdec or []):
-            if tags or lab != tlab or rd:
-                out[iid] = {"tags": list(tags or []), "label": lab if lab != tlab else None, "rule_decision": rd}
+            tags = list(tags or [])
+            if lab != tlab and not any(t.startswith(RELABEL) for t in tags):
+                tags.append(RELABEL + lab)  # a label edited in place becomes the equivalent tag
+            if tags or rd:
+                out[iid] = {"tags": tags, "label": None, "rule_decision": rd}
     return out
 
 
@@ -347,6 +351,7 @@ def sync(labelset: LabelSet, name: str, cfg: CurationConfig | None = None, with_
     t0 = time.perf_counter()
     classes = labelset.classes
     cfg.check_classes(classes)
+    committed = labelset.curation()[0]  # before creating anything: a damaged layer fails first
     ds = open_dataset(name, labelset, create=True)
     live = labelset.read_columns(["path"], provenance=True)
     want = {
@@ -357,7 +362,7 @@ def sync(labelset: LabelSet, name: str, cfg: CurationConfig | None = None, with_
     todo = {p: key for p, key in want.items() if have.get(p) != key}
     summary = SyncSummary(dataset=name, labelset=labelset.id, unchanged=len(want) - len(todo))
     changed = [p for p in todo if p in have]
-    carried = _carried_from_table(labelset.curation()[0])
+    carried = _carried_from_table(committed)
     if changed:
         old = ds.select_by("filepath", changed)
         carried.update(_carried_from_samples(old))
@@ -484,14 +489,15 @@ def commit(ds, labelset: LabelSet) -> tuple[int, bool, pa.Table]:
     if bound != labelset.id:
         raise CurationError(f"dataset {ds.name!r} holds label set {bound}, not {labelset.id}; pass --labelset {bound}")
     table = collect_decisions(ds, labelset.classes)
-    latest, meta = labelset.curation()
 
     def key(t):
         return sorted(tuple("" if v is None else v for v in r.values()) for r in t.to_pylist())
 
-    if meta["version"] and key(latest) == key(table):
-        return meta["version"], False, table
-    version = labelset.commit_curation(table, {"dataset": ds.name, "parent": meta["version"] or None})
+    with labelset.curation_lock():  # concurrent commits: one writes, the others see it unchanged
+        latest, meta = labelset.curation()
+        if meta["version"] and key(latest) == key(table):
+            return meta["version"], False, table
+        version = labelset.commit_curation(table, {"dataset": ds.name, "parent": meta["version"] or None})
     return version, True, table
 
 

@@ -89,6 +89,9 @@ def write_report(labelset: LabelSet, out: str | Path, cfg: CurationConfig | None
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"report output {out} is a file; pass a directory")
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("counts.png", "scores.png", "decisions.png", "report.json"):
+        if (out / name).is_dir():
+            raise FileExistsError(f"{out / name} is a directory; remove it or choose another --out")
     nums = report_numbers(labelset, cfg)
     present = sorted((n for n, c in nums["classes"].items() if c["instances"]),
                      key=lambda n: -nums["classes"][n]["instances"])

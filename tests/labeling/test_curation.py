@@ -184,6 +184,42 @@ def test_decisions_survive_resync_relabel_and_dataset_loss(fo, dataset_name, sto
     fixed = [r for r in table.to_pylist() if r["label"]]
     assert len(fixed) == 1 and fixed[0]["label"] == "dog" and fixed[0]["decision"] == "accept"
 
+    # a restored correction is undone by removing its tag, like one made in the App
+    d = next(d for d in s0[FIELD].detections if any(t.startswith("relabel:") for t in d.tags))
+    assert d.label == d["teacher_label"] == "cat"
+    d.tags = [t for t in d.tags if not t.startswith("relabel:")]
+    s0.save()
+    version, written, table = commit(ds, ls)
+    assert written and version == 2 and not any(r["label"] for r in table.to_pylist())
+
+
+def test_error_images_decisions_concurrent_commits_and_stray_files(fo, dataset_name, store):
+    import threading
+
+    _, ls, img = store
+    with ls.writer() as w:  # a second failed image
+        w.add(LabelRecord.failed(str(img / "bad2.png"), "unreadable: permission denied", 2).to_row())
+    sync(ls, dataset_name, with_phash=False, progress=False)
+    ds = open_dataset(dataset_name)
+    errs = ds.match(fo.ViewField("error") != None)  # noqa: E711
+    assert len(errs) == 2
+    errs.tag_samples("reject")  # the obvious thing to do in the errors view: no labels, nothing to commit
+    apply_rules(ds, CurationConfig.from_dict(RULES))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(commit(ds, ls)[:2])) for _ in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(results) == [(1, False), (1, False), (1, True)]  # one version, not three
+    assert ls.curation_versions() == [1] and ls.curation()[0].num_rows == 10
+    (ls.curation_dir / "v12a.parquet").write_bytes(b"stray")
+    (ls.curation_dir / "notes.txt").write_text("x")
+    assert ls.curation_versions() == [1]
+    (ls.curation_dir / "v0002.parquet").write_bytes(b"")
+    from engine.store import StoreError
+
+    with pytest.raises(StoreError, match="v0002.parquet: unreadable curation version"):
+        ls.curation()
+
 
 def test_commit_refuses_conflicts_and_unknown_classes(fo, dataset_name, store):
     _, ls, _ = store
@@ -339,6 +375,16 @@ def test_cli_sync_rules_commit_report(fo, dataset_name, store, tmp_path):
     # bad input: unknown dataset, rules naming a class the label set lacks
     r = run(main, ["curate", "rules", "--dataset", "no-such-dataset-xyz", "--rules", str(rules)])
     assert r.exit_code != 0 and "no FiftyOne dataset 'no-such-dataset-xyz'" in r.output
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = run(main, ["curate", "app", "--dataset", dataset_name, "--port", str(busy.getsockname()[1])])
+    assert r.exit_code != 0 and "choose another --port" in r.output, r.output
+    rules.write_text("min_area: 1e-3\n")
+    r = run(main, ["curate", "rules", "--dataset", dataset_name, "--rules", str(rules)])
+    assert r.exit_code != 0 and "write 0.001" in r.output
     rules.write_text(yaml.safe_dump({"score_bands": {"horse": {"confident": 0.5}}}))
     r = run(main, ["curate", "rules", "--dataset", dataset_name, "--rules", str(rules)])
     assert r.exit_code != 0 and "horse" in r.output and "Traceback" not in r.output
