@@ -158,6 +158,7 @@ def test_ring_and_two_part_masks_reach_the_training_target(store, overlap):
         target = (masks[0] == k + 1) if overlap else masks[k].astype(bool)
         want = _letterboxed(ring if t.hard[row] == 0 else two, W)
         iou = (target & want).sum() / (target | want).sum()
+        print(f"\n{'ring' if t.hard[row] == 0 else 'two-part'} mask, overlap={overlap}: training-target IoU {iou:.4f}")
         assert iou >= 0.95, (k, iou)
     # the hole is open and both parts present
     ring_target = (masks[0] == rows.index(0) + 1) if overlap else masks[rows.index(0)].astype(bool)
