@@ -86,7 +86,7 @@ def export_onnx(model: str | Path, out: str | Path, imgsz: int = 640, batch: int
     info = model.parent.parent / "distillery.json"
     if info.is_file():
         d = json.loads(info.read_text())
-        meta["distillery_labelset"] = d.get("labelset_fingerprint") or d.get("labelset")
+        meta["distillery_labelset"] = d.get("labelset")  # its id is the fingerprint of what made it
         meta["distillery_curation_version"] = str(d.get("curation_version"))
     for k, v in meta.items():
         m.metadata_props.add(key=k, value=str(v))

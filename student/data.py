@@ -25,6 +25,10 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
+from ultralytics.data.augment import Format
+from ultralytics.data.converter import merge_multi_segment
+from ultralytics.data.dataset import YOLODataset
+from ultralytics.utils.instance import Instances
 
 from engine.split import is_val
 from engine.store import LabelSet, StoreError
@@ -216,8 +220,6 @@ def mask_to_segment(mask: np.ndarray) -> np.ndarray:
     """bool ``(H, W)`` mask -> float32 ``(K, 2)`` one polygon (x, y pixels) holding every outer
     outline and hole (``cv2.findContours`` with ``RETR_CCOMP``), joined by
     ``ultralytics.data.converter.merge_multi_segment``. Empty mask: ``(0, 2)``."""
-    from ultralytics.data.converter import merge_multi_segment
-
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
     segs = [c.reshape(-1, 2).astype(np.float32) for c in contours if len(c) >= 1]
     if not segs:
@@ -231,19 +233,7 @@ def _box_polygon(box: np.ndarray) -> np.ndarray:
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
 
 
-def _yolo_dataset_base():
-    from ultralytics.data.dataset import YOLODataset
-
-    return YOLODataset
-
-
-def _format_base():
-    from ultralytics.data.augment import Format
-
-    return Format
-
-
-class StoreFormat(_format_base()):
+class StoreFormat(Format):
     """ultralytics ``Format`` that rasterises only real instances' masks: ignore regions
     (``row_is_ignore[row]``) are appended after them with no mask pixels, so they never hide
     another instance's mask in the overlap mask, and are never assigned (see the loss)."""
@@ -255,8 +245,6 @@ class StoreFormat(_format_base()):
             return super()._format_segments(instances, cls, w, h)
         ign = self.row_is_ignore[cls[:, 0].astype(np.int64)]
         real, skip = np.flatnonzero(~ign), np.flatnonzero(ign)
-        from ultralytics.utils.instance import Instances
-
         if len(real):
             masks, inst_r, cls_r = super()._format_segments(instances[real], cls[real], w, h)
         else:
@@ -271,7 +259,7 @@ class StoreFormat(_format_base()):
         return masks, inst_r, cls_r
 
 
-class StoreSegDataset(_yolo_dataset_base()):
+class StoreSegDataset(YOLODataset):
     """ultralytics ``YOLODataset`` over a :class:`TrainTable` split.
 
     Args:

@@ -182,7 +182,7 @@ def train(store: str | Path, out: str | Path, model: str = "yolov8n-seg.yaml", l
 
     def record(tr):
         t = tr.table
-        info = {"labelset": t.labelset, "labelset_fingerprint": t.labelset, "curation_version": t.curation_version,
+        info = {"labelset": t.labelset, "curation_version": t.curation_version,  # the id is the fingerprint
                 "names": t.names, "selection": spec["selection"], "val_labelset": val_labelset,
                 "counts": dict(t.stats), "model": str(model)}
         (Path(tr.save_dir) / "distillery.json").write_text(json.dumps(info, indent=2))
