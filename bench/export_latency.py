@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=64, help="calibration photos from coco128")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--method", default="minmax")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default, all cores)")
+    ap.add_argument("--skip-check", action="store_true", help="latency only, no export check")
     args = ap.parse_args()
 
     import onnxruntime as ort
@@ -70,7 +72,9 @@ def main() -> None:
 
     photos = [str(p) for p in sorted((COCO128 / "images").glob("*.jpg"))[:16]]
     xs = [preprocess(p, args.imgsz) for p in photos]
-    sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
                 for k, p in (("fp32", fp32), ("int8", r["cpu"]), ("int8-trt-flavour", r["tensorrt"]))}
     name = sessions["fp32"].get_inputs()[0].name
     for s in sessions.values():  # warm-up
@@ -83,12 +87,15 @@ def main() -> None:
                 s.run(None, {name: x})
             times[k].append((time.perf_counter() - t) / len(xs) * 1000)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nONNX Runtime {ort.__version__} CPU, imgsz {args.imgsz}, {len(xs)} photos x {args.rounds} rounds (median ms/img)")
+    print(f"\nONNX Runtime {ort.__version__} CPU, imgsz {args.imgsz}, {len(xs)} photos x {args.rounds} rounds, "
+          f"{args.threads or 'default'} threads (median ms/img)")
     for k, v in med.items():
         print(f"  {k:18} {v:8.1f} ms   ratio FP32/this {med['fp32'] / v:5.2f}")
     print(f"speed-up of the CPU INT8 artifact: {med['fp32'] / med['int8']:.2f}x (target >= 1.5); the TensorRT "
           f"flavour (signed activations) on CPU: {med['fp32'] / med['int8-trt-flavour']:.2f}x")
 
+    if args.skip_check:
+        return
     gt = load_gt(gt_path)
     paths = [str(COCO128 / "images" / im["file_name"]) for im in gt["images"]]
     rep = export_check({"pytorch": model, "fp32": fp32, "int8": r["cpu"]}, gt, paths, args.imgsz, ["person"])
