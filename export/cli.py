@@ -58,11 +58,13 @@ def export_onnx_cmd(model, imgsz, batch, opset, out, check_images):
               help="Or calibrate on a folder of in-domain images.")
 @click.option("--calib-images", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
-@click.option("--quantize-head", is_flag=True, help="Also quantize the detection/mask head (not recommended).")
+@click.option("--head", "head", type=click.Choice(["fp32", "outputs", "int8"]), default="fp32", show_default=True,
+              help="Detection/mask head precision: fp32 (all of it), outputs (only its output convs and what follows "
+                   "stay FP32; its inner convs are INT8), int8 (everything; not recommended).")
 @click.option("--exclude", multiple=True, help="Another node name to keep in FP32 (repeatable).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="CPU artifact; the TensorRT one is *.trt.onnx beside it.")
 @_errors
-def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, quantize_head, exclude, out):
+def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, head, exclude, out):
     """Calibrate once, write INT8 Q/DQ ONNX for ONNX Runtime CPU (unsigned activations) and
     for TensorRT (signed symmetric), head in FP32 by default."""
     from export.int8 import calibration_images, qdq_counts, quantize
@@ -75,7 +77,8 @@ def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, qu
 
         ls = LabelStore(store).open(labelset)
     paths = calibration_images(ls, images_dir, calib_images)
-    r = quantize(model, out, paths, method=method, keep_head_fp32=not quantize_head, exclude=list(exclude))
+    keep = {"fp32": True, "outputs": "outputs", "int8": False}[head]
+    r = quantize(model, out, paths, method=method, keep_head_fp32=keep, exclude=list(exclude))
     for target in ("cpu", "tensorrt"):
         q = qdq_counts(r[target])
         click.echo(f"{target:9} {r[target]}: {q['QuantizeLinear']} QuantizeLinear / {q['DequantizeLinear']} "

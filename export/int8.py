@@ -85,9 +85,18 @@ def _reader(paths: list[str], input_name: str, imgsz: int):
     return Reader()
 
 
-def head_nodes(onnx_path: str | Path, prefix: str | None = None) -> list[str]:
-    """Names of the nodes under the head prefix (default: the file's ``distillery_head``
-    metadata, else the highest ``/model.N/``)."""
+#: Head nodes that may be quantized in ``head="outputs"`` mode: the inner 3x3 convs of the box,
+#: class and mask-coefficient branches (``cv2|cv3|cv4.<level>.<0|1>``) and of the prototype net
+#: before its last conv. The last convs and everything after them (decode, concat) stay FP32.
+HEAD_INNER = r"/cv[234]\.\d+/cv[234]\.\d+\.[01]/|/proto/(cv1|upsample|cv2)/"
+
+
+def head_nodes(onnx_path: str | Path, prefix: str | None = None, keep: str = "all") -> list[str]:
+    """Names of the head's nodes to keep in FP32: under the head prefix (default: the file's
+    ``distillery_head`` metadata, else the highest ``/model.N/``); ``keep="outputs"`` leaves out
+    the inner convs matched by :data:`HEAD_INNER` (so they are quantized)."""
+    import re
+
     import onnx
 
     m = onnx.load(str(onnx_path), load_external_data=False)
@@ -97,11 +106,14 @@ def head_nodes(onnx_path: str | Path, prefix: str | None = None) -> list[str]:
     if prefix is None:
         idx = [int(n.split("/")[1].split(".")[1]) for n in names if n.startswith("/model.") and n.split("/")[1][6:].isdigit()]
         prefix = f"/model.{max(idx)}/" if idx else "/"
-    return [n for n in names if n.startswith(prefix)]
+    nodes = [n for n in names if n.startswith(prefix)]
+    if keep == "outputs":
+        nodes = [n for n in nodes if not re.search(HEAD_INNER, n)]
+    return nodes
 
 
 def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: str = "minmax",
-             keep_head_fp32: bool = True, exclude: list[str] | None = None) -> dict:
+             keep_head_fp32: bool | str = True, exclude: list[str] | None = None) -> dict:
     """Calibrate once on ``images`` and write the CPU (``out``) and TensorRT
     (``out`` with ``.trt.onnx``) QDQ artifacts (module docstring).
 
@@ -109,7 +121,9 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
         onnx_in: the FP32 ONNX from :func:`export.onnx.export_onnx` (fixed input shape).
         images: calibration image paths (:func:`calibration_images`).
         method: ``minmax`` | ``percentile`` (99.999th) | ``entropy`` (ONNX Runtime calibrators).
-        keep_head_fp32: leave the detection/mask head unquantized.
+        keep_head_fp32: True: leave the whole detection/mask head unquantized; ``"outputs"``:
+            only its output convs and what follows them (:data:`HEAD_INNER` is quantized);
+            False: quantize the head too.
         exclude: more node names to leave unquantized.
 
     Returns:
@@ -134,7 +148,8 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
     imgsz = dims[2]
     out = Path(out)
     trt_out = out.with_name(out.name.removesuffix(".onnx") + ".trt.onnx")
-    nodes_to_exclude = (head_nodes(onnx_in) if keep_head_fp32 else []) + list(exclude or [])
+    keep = "outputs" if keep_head_fp32 == "outputs" else "all"
+    nodes_to_exclude = (head_nodes(onnx_in, keep=keep) if keep_head_fp32 else []) + list(exclude or [])
     cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
           "entropy": CalibrationMethod.Entropy}[method]
     with tempfile.TemporaryDirectory() as tmp:
