@@ -81,6 +81,10 @@ class SoftSegmentationLoss(v8SegmentationLoss):
 
 
 class _SoftAssigner(torch.nn.Module):
+    """ultralytics' ``TaskAlignedAssigner`` with ignore slots masked out of ``mask_gt`` and the
+    returned one-hot targets turned soft; stashes the box weights, normaliser, per-anchor
+    mask weights and the ignore-region class mask for the other wrapped parts."""
+
     def __init__(self, assigner, owner: SoftSegmentationLoss):
         super().__init__()
         self.inner = assigner
