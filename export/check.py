@@ -23,30 +23,27 @@ REF_CONFS = (0.5, 0.25, 0.1, 0.05, 0.01, 0.001)
 TARGETS = {"max_mask_map_drop_points": 1.0, "min_agreement_map50": 0.9, "min_speedup": 1.5}
 
 
-def predictions_to_gt(preds: list[dict], image_files: list[str], class_names: list[str]) -> dict:
-    """Neutral predictions -> a COCO GT dict (images by basename, categories 1..C by name)."""
+def predictions_to_gt(preds: list[dict], gt: dict, class_names: list[str]) -> dict:
+    """Neutral predictions -> a COCO GT dict on ``gt``'s images (same ids and sizes; matched by
+    file basename) with categories 1..C named ``class_names``."""
     import os
 
     from pycocotools import mask as mask_utils
 
-    images = [{"id": i + 1, "file_name": os.path.basename(f)} for i, f in enumerate(image_files)]
+    images = [dict(im, file_name=os.path.basename(im["file_name"])) for im in gt["images"]]
     img_id = {im["file_name"]: im["id"] for im in images}
-    cats = [{"id": j + 1, "name": n} for j, n in enumerate(class_names)]
-    cat_id = {c["name"]: c["id"] for c in cats}
+    cat_id = {n: j + 1 for j, n in enumerate(class_names)}
     anns = []
     for p in preds:
         seg = dict(p["segmentation"])
         if isinstance(seg["counts"], str):
             seg["counts"] = seg["counts"].encode()
-        h, w = seg["size"]
-        images[img_id[os.path.basename(p["file_name"])] - 1].update(height=h, width=w)
         anns.append({"id": len(anns) + 1, "image_id": img_id[os.path.basename(p["file_name"])],
                      "category_id": cat_id[p["class_name"]], "bbox": p["bbox"], "iscrowd": 0,
                      "area": float(mask_utils.area(seg)),
-                     "segmentation": {"size": [h, w], "counts": seg["counts"].decode()}})
-    for im in images:
-        im.setdefault("height", 1), im.setdefault("width", 1)
-    return {"images": images, "annotations": anns, "categories": cats}
+                     "segmentation": {"size": list(seg["size"]), "counts": seg["counts"].decode()}})
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": j, "name": n} for n, j in cat_id.items()]}
 
 
 def export_check(models: dict, gt: dict, image_paths: list[str], imgsz: int, class_names: list[str],
@@ -73,7 +70,7 @@ def export_check(models: dict, gt: dict, image_paths: list[str], imgsz: int, cla
         ref_conf = next((c for c in REF_CONFS if sum(p["score"] >= c for p in preds["fp32"]) >= min_ref), REF_CONFS[-1])
         ref = [p for p in preds["fp32"] if p["score"] >= ref_conf]
         if ref:
-            agree = evaluate(predictions_to_gt(ref, image_paths, class_names), preds["int8"], class_names,
+            agree = evaluate(predictions_to_gt(ref, gt, class_names), preds["int8"], class_names,
                              image_files=image_paths)
             report["agreement"] = {"reference_conf": ref_conf, "reference_detections": len(ref),
                                    "bbox_map50": agree["bbox"]["mAP50"], "segm_map50": agree["segm"]["mAP50"]}

@@ -200,6 +200,10 @@ def sample_to_record(sample, classes: list[str]) -> LabelRecord:
 
 # -- decisions ----------------------------------------------------------------------------
 
+#: Per-detection fields that carry decisions, read together by commit and by re-sync.
+_DECISION_FIELDS = [f"{FIELD}.detections.{f}" for f in ("instance_uid", "tags", "label", "teacher_label", "rule_decision")]
+
+
 def _decision_of(tags: list[str], where: str) -> str | None:
     ds = [t for t in tags or [] if t in DECISIONS]
     if len(set(ds)) > 1:
@@ -218,9 +222,7 @@ def collect_decisions(samples, classes: list[str]) -> pa.Table:
         CurationError: an instance or image has two different decision tags, several
             ``relabel:`` tags, or a correction to a class outside the ontology.
     """
-    cols = ["filepath", "image_id", "error", "tags", f"{FIELD}.detections.instance_uid", f"{FIELD}.detections.tags",
-            f"{FIELD}.detections.label", f"{FIELD}.detections.teacher_label", f"{FIELD}.detections.rule_decision"]
-    vals = samples.values(cols)
+    vals = samples.values(["filepath", "image_id", "error", "tags", *_DECISION_FIELDS])
     known = set(classes)
     rows = []
     for path, image_id, error, stags, iids, ltags, labels, teacher, rdec in zip(*vals):
@@ -261,9 +263,7 @@ def _carried_from_samples(view) -> dict:
     """Current tags, corrections and rule decisions of the samples in ``view``, keyed by
     instance id (instances) and image id (sample tags)."""
     out = {}
-    cols = ["image_id", "tags", f"{FIELD}.detections.instance_uid", f"{FIELD}.detections.tags",
-            f"{FIELD}.detections.label", f"{FIELD}.detections.teacher_label", f"{FIELD}.detections.rule_decision"]
-    for image_id, stags, iids, ltags, labels, teacher, rdec in zip(*view.values(cols)):
+    for image_id, stags, iids, ltags, labels, teacher, rdec in zip(*view.values(["image_id", "tags", *_DECISION_FIELDS])):
         keep = [t for t in stags or [] if not t.startswith("error:")]
         if keep:
             out[image_id] = {"tags": keep, "label": None, "rule_decision": None}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.images import error_kind
 from engine.store import DECISIONS, LabelSet
 from labeling.curation.config import CurationConfig
 
@@ -38,10 +39,14 @@ def report_numbers(labelset: LabelSet, cfg: CurationConfig | None = None) -> dic
     scores: dict[str, list[float]] = defaultdict(list)
     per_class_dec: dict[str, Counter] = defaultdict(Counter)
     totals: Counter = Counter({d: 0 for d in (*DECISIONS, "undecided", "relabeled")})
-    counts = labelset.counts()
-    for rec in labelset.iter_records():
-        if rec.error is not None or rec.num_instances == 0:
+    images = labeled = 0
+    errors: Counter = Counter()
+    for rec in labelset.iter_records():  # one pass: counts, scores and decisions together
+        images += 1
+        if rec.error is not None:
+            errors[error_kind(rec.error)] += 1
             continue
+        labeled += 1
         top = rec.scores.argmax(1)
         for iid, c, s in zip(rec.instance_ids, top, rec.box_score):
             name = classes[int(c)]
@@ -66,10 +71,10 @@ def report_numbers(labelset: LabelSet, cfg: CurationConfig | None = None) -> dic
     return {
         "labelset": labelset.id,
         "curation_version": meta["version"],
-        "images": counts.images,
-        "labeled": counts.labeled,
-        "instances": counts.instances,
-        "errors": dict(counts.errors),
+        "images": images,
+        "labeled": labeled,
+        "instances": sum(len(v) for v in scores.values()),
+        "errors": dict(errors),
         "bins": BINS.tolist(),
         "classes": out_classes,
         "decisions": {**dict(totals), "image_level": dict(image_level)},

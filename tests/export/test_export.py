@@ -194,3 +194,20 @@ def test_cli_export_onnx_int8_check(student, tmp_path, coco128):
     assert rep["models"]["int8"]["latency_ms"] > 0 and rep["imgsz"] == 320
     r = run(main, ["export", "onnx", "--model", str(pt), "--imgsz", "300", "--out", str(tmp_path / "y.onnx")])
     assert r.exit_code != 0 and "multiple of 32" in r.output
+
+
+def test_agreement_reference_scores_identical_predictions_as_perfect(student):
+    """The agreement measure: predictions scored against themselves as reference give mAP 1,
+    and dropping half of them lowers recall-bound mAP."""
+    from engine.evaluation import evaluate, records_to_predictions
+    from export.check import predictions_to_gt
+
+    _, ls, _, sub = student
+    recs = [r for r in ls.iter_records() if r.error is None]
+    preds = [p for p in records_to_predictions(recs, ls.classes) if p["class_name"] == "person"]
+    ref = predictions_to_gt(preds, sub, ["person"])
+    paths = [r.path for r in recs]
+    same = evaluate(ref, preds, ["person"], image_files=paths)
+    assert same["bbox"]["mAP50"] == pytest.approx(1.0) and same["segm"]["mAP50"] == pytest.approx(1.0)
+    half = evaluate(ref, preds[::2], ["person"], image_files=paths)
+    assert half["bbox"]["mAP50"] < 0.8
