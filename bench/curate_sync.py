@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 TMP = Path(tempfile.mkdtemp(prefix="curate-bench-"))
 os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(TMP / "db"))
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
@@ -37,9 +35,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
-from engine.images import content_id  # noqa: E402
-from engine.record import LabelRecord  # noqa: E402
-from engine.store import LabelStore  # noqa: E402
+from distillery.engine.images import content_id  # noqa: E402
+from distillery.engine.record import LabelRecord  # noqa: E402
+from distillery.engine.store import LabelStore  # noqa: E402
 
 W, H, C = 320, 240, 20
 
@@ -70,8 +68,8 @@ def main() -> None:
 
     import fiftyone as fo
 
-    from labeling.curation.config import CurationConfig
-    from labeling.curation.dataset import record_to_sample, sync
+    from distillery.labeling.curation.config import CurationConfig
+    from distillery.labeling.curation.dataset import record_to_sample, sync
 
     rng = np.random.default_rng(0)
     (TMP / "img").mkdir()

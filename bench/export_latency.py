@@ -4,7 +4,7 @@
     python bench/export_latency.py                                              # trains the 16-photo person student first (slow)
 
 1. Exports the student to ONNX at ``--imgsz`` (default 640) and quantizes it
-   (:mod:`export.int8`, calibration on coco128 photos, head FP32).
+   (:mod:`distillery.export.int8`, calibration on coco128 photos, head FP32).
 2. Latency: both ONNX Runtime sessions on the same preprocessed photos, alternating
    FP32 / INT8 per round, ``--rounds`` rounds after a warm-up; prints the medians and the
    ratio FP32 / INT8 (target >= 1.5 at 640).
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 COCO128 = Path(os.environ.get("DISTILLERY_COCO128", ROOT.parent / "shared" / "data" / "coco128"))
 
 
@@ -41,22 +40,21 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from engine.evaluation import load_gt
-    from export.check import export_check, format_report
-    from export.int8 import calibration_images, quantize
-    from export.onnx import export_onnx, preprocess
+    from distillery.engine.evaluation import load_gt
+    from distillery.export.check import export_check, format_report
+    from distillery.export.int8 import calibration_images, quantize
+    from distillery.export.onnx import export_onnx, preprocess
 
     work = Path(tempfile.mkdtemp(prefix="export-latency-"))
-    sys.path.insert(0, str(ROOT / "bench"))
-    from student_vs_stock import person_subset  # the same 16 photos as the student benchmark
+    from student_vs_stock import person_subset  # bench/ is on sys.path (script dir); the same 16 photos
 
     gt_path = person_subset(16, work)
     model = args.model
     if model is None:
-        from engine.store import LabelStore
-        from labeling.coco import import_coco
-        from student.data import Selection
-        from student.train import train
+        from distillery.engine.store import LabelStore
+        from distillery.labeling.coco import import_coco
+        from distillery.student.data import Selection
+        from distillery.student.train import train
 
         ls, _ = import_coco(LabelStore(work / "store"), str(gt_path), str(COCO128 / "images"))
         run = train(work / "store", work / "run", selection=Selection(val_fraction=0.0), val_labelset=ls.id,

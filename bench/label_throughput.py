@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +22,15 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from engine.images import decode  # noqa: E402
-from engine.job import run_label_job  # noqa: E402
-from engine.store import LabelStore  # noqa: E402
-from labeling.detector import GroundingDinoTeacher  # noqa: E402
-from labeling.ontology import Ontology  # noqa: E402
-from labeling.segmenter import SamTeacher  # noqa: E402
-from labeling.teachers import TeacherPreset, labelset_spec, teacher_stages  # noqa: E402
+from distillery.engine.config import resolve_config  # noqa: E402
+from distillery.engine.images import decode  # noqa: E402
+from distillery.engine.job import run_label_job  # noqa: E402
+from distillery.engine.store import LabelStore  # noqa: E402
+from distillery.labeling.detector import GroundingDinoTeacher  # noqa: E402
+from distillery.labeling.ontology import Ontology  # noqa: E402
+from distillery.labeling.segmenter import SamTeacher  # noqa: E402
+from distillery.labeling.teachers import TeacherPreset, labelset_spec, teacher_stages  # noqa: E402
 
 
 def write_full_size(out: Path) -> Path:
@@ -43,7 +42,7 @@ def write_full_size(out: Path) -> Path:
     from transformers import AutoTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection
     from transformers import GroundingDinoImageProcessor, GroundingDinoProcessor
 
-    from labeling.tiny import bert_uncased_vocab
+    from distillery.labeling.tiny import bert_uncased_vocab
 
     model = GroundingDinoForObjectDetection(GroundingDinoConfig())
     model.save_pretrained(out / "gdino-t")
@@ -88,10 +87,10 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from labeling.tiny import write_tiny_teachers
+    from distillery.labeling.tiny import write_tiny_teachers
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    onto = Ontology.load(ROOT / "configs" / "ontologies" / "coco80.yaml")
+    onto = Ontology.load(resolve_config("ontology", "coco80"))
     all_paths = sorted(str(p) for p in Path(args.images).glob("*.jpg"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

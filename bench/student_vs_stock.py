@@ -7,7 +7,7 @@ From the coco128 GT, class ``person`` on the first 16 photos (file-name order) t
 one: imported into a label store (``labels import``; one-hot scores, so the soft-label loss
 sees weight 1), then
 
-  ours   ``student.train.train`` (soft-label trainer, data read from the store), and
+  ours   ``distillery.student.train.train`` (soft-label trainer, data read from the store), and
   stock  ``ultralytics.YOLO("yolov8n-seg.yaml").train`` on the YOLO-seg export of the same
          label set (``labels export --format yolo-seg``),
 
@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 COCO128 = Path(os.environ.get("DISTILLERY_COCO128", ROOT.parent / "shared" / "data" / "coco128"))
 
 
@@ -56,12 +54,12 @@ def main() -> None:
     import yaml
     from ultralytics import YOLO
 
-    from engine.store import LabelStore
-    from labeling.coco import import_coco
-    from labeling.yolo import export_yolo_seg
-    from student.data import Selection
-    from engine.evaluation import evaluate, load_gt, predict_ultralytics
-    from student.train import train
+    from distillery.engine.store import LabelStore
+    from distillery.labeling.coco import import_coco
+    from distillery.labeling.yolo import export_yolo_seg
+    from distillery.student.data import Selection
+    from distillery.engine.evaluation import evaluate, load_gt, predict_ultralytics
+    from distillery.student.train import train
 
     work = args.out or Path(tempfile.mkdtemp(prefix="student-vs-stock-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 COCO128 = Path(os.environ.get("DISTILLERY_COCO128", ROOT.parent / "shared" / "data" / "coco128"))
 
 
@@ -39,11 +37,11 @@ def main() -> None:
     import yaml
     from ultralytics import YOLO
 
-    from engine.store import LabelStore
-    from labeling.coco import import_coco
-    from labeling.yolo import export_yolo_seg
-    from student.data import Selection
-    from student.train import train
+    from distillery.engine.store import LabelStore
+    from distillery.labeling.coco import import_coco
+    from distillery.labeling.yolo import export_yolo_seg
+    from distillery.student.data import Selection
+    from distillery.student.train import train
 
     work = Path(tempfile.mkdtemp(prefix="train-overhead-"))
     gt = json.loads((COCO128 / "annotations.json").read_text())

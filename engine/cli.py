@@ -1,251 +1,96 @@
-"""The ``distillery`` command line. Commands are thin: parse, call one function, print a summary."""
+"""The root ``distillery`` command. It knows no stage: each stage contributes its commands
+through the ``distillery.commands`` entry-point group (see ``pyproject.toml``), the way
+``flask`` and ``datasette`` plugins do. Commands are thin: parse, call one function, print a
+summary."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
+from importlib.metadata import entry_points
 
 import click
 
-from engine.cli_errors import UserError, fail_cleanly
-from engine.images import DEFAULT_MAX_PIXELS
+from distillery.engine.cli_errors import UserError, fail_cleanly
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DEFAULT_PRESET = Path(__file__).resolve().parent.parent / "configs" / "teachers" / "default.yaml"
+#: The entry-point group through which stages add commands to ``distillery``.
+COMMANDS_GROUP = "distillery.commands"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class StageGroup(click.Group):
+    """The root group: its sub-commands are loaded from the ``distillery.commands`` entry points."""
+
+    def _stage_commands(self) -> dict[str, click.Command]:
+        if not hasattr(self, "_loaded"):
+            self._loaded = {}
+            for ep in entry_points(group=COMMANDS_GROUP):
+                self._loaded[ep.name] = ep.load()
+        return self._loaded
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self._stage_commands()))
+
+    def get_command(self, ctx, name):
+        return super().get_command(ctx, name) or self._stage_commands().get(name)
+
+
+@click.group(cls=StageGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="distillery")
 def main() -> None:
     """Distillery: pseudo-label image pools with Grounding DINO + SAM teachers, curate,
     train a YOLOv8-seg student, export engines."""
 
 
-@main.command()
-@click.argument("sources", nargs=-1, required=True)
-@click.option("--classes", help='Comma-separated class names, each its own prompt: "person,car,traffic light".')
-@click.option("--ontology", "ontology_path", type=click.Path(dir_okay=False), help="YAML mapping prompt: class.")
-@click.option("--store", required=True, type=click.Path(file_okay=False), help="Label store directory.")
-@click.option("--teachers", "preset_path", type=click.Path(dir_okay=False), default=str(DEFAULT_PRESET),
-              show_default=True, help="Teachers preset YAML.")
-@click.option("--runner", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
-              help="ray: Ray Data pipeline; local: same stages in this process.")
-@click.option("--ray-address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
-              help="Images above this many pixels become error records.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per Parquet shard.")
-@click.option("--block-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per decode task (Ray block).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@main.group("configs")
+def configs() -> None:
+    """The configs that ship with Distillery: teacher presets, ontologies, curation rules,
+    device profiles. Options that take one (--teachers, --ontology, --rules,
+    --device-profile) accept a shipped name or a path.
+
+    \b
+    Example:
+      distillery configs list
+      distillery configs show coco80 > my-ontology.yaml   # copy one, then edit it
+    """
+
+
+@configs.command("list")
+def configs_list() -> None:
+    """List shipped configs by kind, with the option that takes them."""
+    from distillery.engine.config import CONFIG_KINDS, shipped_configs
+
+    for kind, names in shipped_configs().items():
+        _, what, option = CONFIG_KINDS[kind]
+        click.echo(f"{what} ({option}): {', '.join(names) or 'none'}")
+
+
+@configs.command("show")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["teachers", "ontology", "rules", "device-profile"]), default=None,
+              help="Which kind, where a name is shipped for several (e.g. default).")
 @fail_cleanly
-def label(sources, classes, ontology_path, store, preset_path, runner, ray_address, max_pixels, shard_size,
-          block_size, quiet):
-    """Label images with the teachers into a label set of STORE.
-
-    SOURCES are folders (searched recursively), text files listing image paths, or COCO
-    JSON files. Re-running the same command resumes an interrupted run.
+def configs_show(name, kind) -> None:
+    """Print the shipped config NAME (YAML), e.g. to copy and edit it.
 
     \b
     Example:
-      distillery teachers tiny teachers/
-      distillery label ../shared/data/coco128/images --classes "person,car,dog" \\
-          --store store/ --teachers teachers/teachers.yaml
+      distillery configs show jetson-orin-nx
+      distillery configs show default --kind rules
     """
-    from engine.images import list_sources
-    from engine.job import run_label_job
-    from engine.store import LabelStore
-    from labeling.ontology import Ontology, OntologyError
-    from labeling.teachers import PresetError, TeacherPreset, labelset_spec, teacher_stages
+    from distillery.engine.config import CONFIG_KINDS, shipped_configs
 
-    if bool(classes) == bool(ontology_path):
-        raise UserError("give exactly one of --classes or --ontology")
-    try:
-        onto = Ontology.from_classes(classes) if classes else Ontology.load(ontology_path)
-    except OntologyError as e:
-        raise UserError(str(e)) from e  # names the file
-    try:
-        preset = TeacherPreset.load(preset_path)
-        chunks = preset.check_detector(onto, preset_path)  # tokenizes the ontology; no weights loaded
-    except PresetError as e:
-        raise UserError(str(e)) from e
-    except OntologyError as e:
-        raise UserError(f"{ontology_path or '--classes'}: {e}") from e
-    paths = list_sources(sources)
-    if not paths:
-        raise UserError(f"no images found in {', '.join(sources)} (suffixes .jpg .jpeg .png .bmp .webp .tif .gif)")
-    ls = LabelStore(store).create(labelset_spec(onto, preset), extra={"teachers_preset": preset.to_dict()})
-    click.echo(f"label set {ls.id}: {len(paths)} images, {len(onto.classes)} classes in {chunks} prompt "
-               f"chunk(s), store {store}")
-    s = run_label_job(paths, ls, teacher_stages(preset, onto), runner=runner, ray_address=ray_address,
-                      max_pixels=max_pixels, shard_size=shard_size, decode_batch_size=block_size,
-                      progress=not quiet)
-    errors = ", ".join(f"{k} {v}" for k, v in sorted(s.errors.items())) or "none"
-    click.echo(
-        f"done: {s.processed} images processed this run ({s.skipped} already in the store), "
-        f"{s.labeled} with labels, {s.instances} instances; errors: {errors}; "
-        f"{s.images_per_second:.2f} images/s over {s.seconds:.1f} s"
-    )
-    _echo_store_totals(ls)
+    found = [(k, names[name]) for k, names in shipped_configs(kind).items() if name in names]
+    if not found:
+        every = sorted({n for names in shipped_configs().values() for n in names})
+        raise UserError(f"no shipped config named {name!r}{f' of kind {kind}' if kind else ''}; shipped: "
+                        f"{', '.join(every)} (distillery configs list)")
+    if len(found) > 1:
+        raise UserError(f"{name!r} is shipped for several kinds ({', '.join(k for k, _ in found)}); "
+                        "choose one with --kind")
+    click.echo(found[0][1].read_text(encoding="utf-8"), nl=False)
 
-
-def _echo_store_totals(ls, show: int = 10) -> None:
-    c = ls.counts()
-    errors = ", ".join(f"{k} {v}" for k, v in sorted(c.errors.items())) or "none"
-    click.echo(f"label set {ls.id} now holds {c.images} images: {c.labeled} labeled, {c.instances} instances, "
-               f"errors: {errors}")
-    errs = c.error_records
-    for path, reason in errs[:show]:
-        click.echo(f"  {path}: {reason}")
-    if len(errs) > show:
-        click.echo(f"  ... {len(errs) - show} more: distillery labels info --store STORE --errors")
-
-
-@main.group()
-def labels() -> None:
-    """Inspect, export and import label sets."""
-
-
-@labels.command("info")
-@click.option("--store", required=True, type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--errors", "list_errors", is_flag=True, help="Also list every error record: path and reason.")
-@fail_cleanly
-def labels_info(store, as_json, list_errors):
-    """List the label sets of STORE with their counts.
-
-    \b
-    Example:
-      distillery labels info --store store/
-    """
-    from engine.store import LabelStore
-
-    rows = []
-    for ls in LabelStore(store).labelsets():
-        c = ls.counts()
-        det = ls.manifest.get("teachers", {})
-        rows.append({
-            "labelset": ls.id, "kind": ls.manifest.get("kind"), "created": ls.manifest.get("created"),
-            "classes": len(ls.classes), "images": c.images, "labeled": c.labeled, "instances": c.instances,
-            "errors": dict(c.errors), "teachers": det,
-            **({"error_records": [{"path": p, "error": e} for p, e in c.error_records]} if list_errors else {}),
-        })
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        click.echo(f"no label sets in {store}")
-    for r in rows:
-        errs = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "none"
-        t = r["teachers"]
-        who = t.get("detector", {}).get("model") or t.get("import", {}).get("file") or "?"
-        click.echo(
-            f"{r['labelset']}  {r['kind']:<7} {r['created']}  {r['classes']} classes  {r['images']} images "
-            f"({r['labeled']} labeled, {r['instances']} instances, errors: {errs})  from {who}"
-        )
-        for e in r.get("error_records", []):
-            click.echo(f"  {e['path']}: {e['error']}")
-
-
-@labels.command("export")
-@click.option("--store", required=True, type=click.Path(file_okay=False))
-@click.option("--labelset", default=None, help="Label set id or unique prefix (default: the only one).")
-@click.option("--format", "fmt", type=click.Choice(["coco", "yolo-seg"]), required=True)
-@click.option("--out", required=True, type=click.Path(), help="coco: a .json file; yolo-seg: a directory.")
-@click.option("--min-score", type=float, default=0.0, show_default=True, help="Drop instances below this box score.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
-              help="yolo-seg: share of images in val.")
-@click.option("--overwrite", is_flag=True, help="yolo-seg: replace the images/ and labels/ of an existing OUT.")
-@fail_cleanly
-def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite):
-    """Export a label set as a COCO instances file or an ultralytics YOLO-seg dataset.
-
-    \b
-    Example:
-      distillery labels export --store store/ --format coco --out labels.json
-      distillery labels export --store store/ --format yolo-seg --out yolo/
-    """
-    from engine.store import LabelStore
-
-    ls = LabelStore(store).open(labelset)
-    if fmt == "coco":
-        from labeling.coco import records_to_coco
-
-        coco = records_to_coco(ls.iter_records(), ls.classes, min_score)
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(coco))
-        click.echo(f"wrote {out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations from {ls.id}")
-    else:
-        from labeling.yolo import export_yolo_seg
-
-        c = export_yolo_seg(ls, out, val_fraction, min_score, overwrite=overwrite)
-        click.echo(f"wrote {out}: {c['train']} train / {c['val']} val images, {c['instances']} instances from {ls.id}")
-        for path in c["missing_images"]:
-            click.echo(f"  skipped (image no longer there): {path}")
-
-
-@labels.command("import")
-@click.option("--coco", "coco_path", required=True, type=click.Path(dir_okay=False, exists=True))
-@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--store", required=True, type=click.Path(file_okay=False))
-@fail_cleanly
-def labels_import(coco_path, images_dir, store):
-    """Import an existing COCO instances file (human labels) as a label set.
-
-    \b
-    Example:
-      distillery labels import --coco annotations.json --images images/ --store store/
-    """
-    from engine.store import LabelStore
-    from labeling.coco import CocoError, import_coco
-
-    try:
-        ls, st = import_coco(LabelStore(store), coco_path, images_dir)
-    except CocoError as e:
-        raise UserError(str(e)) from e
-    click.echo(
-        f"imported {st['images']} images ({st['added']} added), {st['instances']} instances "
-        f"({st['crowd']} crowd), {st['box_masks']} box-only masks, {st['dropped_annotations']} annotations "
-        "dropped with their failed images"
-    )
-    _echo_store_totals(ls)
-
-
-@main.group()
-def teachers() -> None:
-    """Teacher models."""
-
-
-@teachers.command("tiny")
-@click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--seed", type=int, default=0, show_default=True)
-def teachers_tiny(out_dir, seed):
-    """Write tiny RANDOM-WEIGHT Grounding DINO and SAM teachers plus a preset to OUT_DIR.
-
-    Their labels are meaningless; they let the whole pipeline run offline.
-
-    \b
-    Example:
-      distillery teachers tiny teachers/ && distillery label imgs/ --classes cat --store s/ --teachers teachers/teachers.yaml
-    """
-    from labeling.tiny import write_tiny_teachers
-
-    path = write_tiny_teachers(out_dir, seed)
-    click.echo(f"wrote tiny random teachers and preset {path}")
-
-
-def _register_stages() -> None:
-    from export.cli import export
-    from labeling.curation.cli import curate
-    from student.cli import eval_cmd, train_cmd
-
-    main.add_command(curate)
-    main.add_command(export)
-    main.add_command(train_cmd)
-    main.add_command(eval_cmd)
-
-
-_register_stages()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -18,8 +18,8 @@ def fail_cleanly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from engine.images import SourceError
-        from engine.store import StoreError
+        from distillery.engine.images import SourceError
+        from distillery.engine.store import StoreError
 
         user_errors = (SourceError, StoreError, FileNotFoundError, FileExistsError, PermissionError,
                        IsADirectoryError, NotADirectoryError, ValueError)

@@ -4,6 +4,7 @@ prompt from an ontology without a word)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -41,3 +42,55 @@ def load_yaml(path: str | Path, what: str = "config"):
         raise ConfigError(f"{p}: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML ({e})") from e
+
+
+#: Kinds of shipped config: (sub-folder of ``distillery.configs``, what it is, the CLI option that takes it).
+CONFIG_KINDS: dict[str, tuple[str, str, str]] = {
+    "teachers": ("teachers", "teachers preset", "--teachers"),
+    "ontology": ("ontologies", "ontology", "--ontology"),
+    "rules": ("curation", "curation rules", "--rules"),
+    "device-profile": ("devices", "device profile", "--device-profile"),
+}
+
+
+def shipped_configs(kind: str | None = None) -> dict[str, dict[str, Path]]:
+    """The YAML configs shipped as package data (``distillery.configs``, read with
+    :mod:`importlib.resources`), as ``{kind: {name: path}}``; ``name`` is the file stem.
+
+    Raises:
+        KeyError: ``kind`` is not one of :data:`CONFIG_KINDS`.
+    """
+    from importlib.resources import files
+
+    root = files("distillery.configs")
+    kinds = [kind] if kind is not None else list(CONFIG_KINDS)
+    out = {}
+    for k in kinds:
+        folder = root / CONFIG_KINDS[k][0]
+        out[k] = {Path(f.name).stem: Path(str(f)) for f in sorted(folder.iterdir(), key=lambda f: f.name)
+                  if f.name.endswith(".yaml")} if folder.is_dir() else {}
+    return out
+
+
+def resolve_config(kind: str, value: str | os.PathLike) -> Path:
+    """A config given on the command line: an existing file path, or the name of a shipped
+    config of ``kind`` (``default``, ``coco80``, ``jetson-orin-nx``; see ``distillery configs list``).
+
+    A path that exists wins over a shipped name; a value that is neither raises.
+
+    Raises:
+        ConfigError: ``value`` is not a file and not a shipped name; the message lists the
+            shipped names.
+    """
+    p = Path(value).expanduser()
+    if p.is_file():
+        return p
+    sub, what, option = CONFIG_KINDS[kind]
+    shipped = shipped_configs(kind)[kind]
+    if str(value) in shipped:
+        return shipped[str(value)]
+    if p.is_dir():
+        raise ConfigError(f"{option} {str(value)!r} is a folder, not a {what} YAML file; give a .yaml file or a "
+                          f"shipped name ({', '.join(shipped) or 'none'})")
+    raise ConfigError(f"{option} {str(value)!r} is neither a file nor a shipped {what} (shipped: "
+                      f"{', '.join(shipped) or 'none'}); `distillery configs list` shows them")

@@ -22,7 +22,7 @@ from typing import Iterable
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from engine.record import LabelRecord
+from distillery.engine.record import LabelRecord
 
 IOU_TYPES = ("bbox", "segm")
 

@@ -16,7 +16,7 @@ functions and callables in this process, one batch at a time (debugging, tests).
 Batches are dicts of equal-length columns. The decode step produces ``path``,
 ``image_id``, ``width``, ``height``, ``error`` (None or reason) and ``pixels`` (RGB uint8
 bytes, row-major ``(height, width, 3)``; empty for error rows). The last stage must
-return the columns of :data:`engine.record.ROW_SCHEMA`.
+return the columns of :data:`distillery.engine.record.ROW_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import pyarrow as pa
 
-from engine.images import DEFAULT_MAX_PIXELS, decode, error_kind
-from engine.record import ROW_SCHEMA
-from engine.store import LabelSet
+from distillery.engine.images import DEFAULT_MAX_PIXELS, decode, error_kind
+from distillery.engine.record import ROW_SCHEMA
+from distillery.engine.store import LabelSet
 
 #: Columns of a decoded batch. Stages return Arrow tables with explicit types: a batch
 #: whose ``error`` column is all null would otherwise be inferred as another type than
@@ -215,7 +215,7 @@ def run_label_job(
 
     Args:
         paths: image paths, in the order duplicates should be resolved.
-        labelset: where rows go (see :class:`engine.store.LabelSet`).
+        labelset: where rows go (see :class:`distillery.engine.store.LabelSet`).
         stages: model stages, in order; the last returns :data:`ROW_SCHEMA` columns.
         runner: ``"ray"`` (Ray Data; local cluster unless ``ray_address``) or ``"local"``.
         max_pixels: images with more pixels become ``too-large`` error records.

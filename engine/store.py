@@ -12,7 +12,7 @@ on POSIX), so a crash -- ``kill -9`` included -- loses at most the shard in flig
 never leaves a partial one visible. Shard names start with a nanosecond timestamp, so
 name order is write order. Every input path ends as one live row; a rerun skips the
 paths already stored, so it resumes where it stopped, and tries again the paths whose
-row is a retryable error (:data:`engine.images.RETRYABLE_ERRORS`: the file may have been
+row is a retryable error (:data:`distillery.engine.images.RETRYABLE_ERRORS`: the file may have been
 fixed). The new row supersedes the old one: readers see the last row of each path.
 Label sets are never overwritten: a different ontology, teacher or setting has a
 different id.
@@ -20,7 +20,7 @@ different id.
 Curation decisions are a separate, versioned layer beside the shards (never an edit of
 teacher output): each commit writes a whole new ``curation/vNNNN.parquet`` of
 :data:`CURATION_SCHEMA`, keyed by ``image_id`` and ``instance_id``
-(:attr:`engine.record.LabelRecord.instance_ids`).
+(:attr:`distillery.engine.record.LabelRecord.instance_ids`).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.images import RETRYABLE_ERRORS, error_kind
-from engine.record import ROW_SCHEMA, SCHEMA_VERSION, LabelRecord, rows_to_table
+from distillery.engine.images import RETRYABLE_ERRORS, error_kind
+from distillery.engine.record import ROW_SCHEMA, SCHEMA_VERSION, LabelRecord, rows_to_table
 
 
 #: One row per decision. ``instance_id`` null: the decision is about the whole image.

@@ -1,6 +1,6 @@
 """``export check``: PyTorch, FP32 ONNX and INT8 ONNX (ONNX Runtime, CPU) on the same images,
 through the same ultralytics predictor and post-processing (``AutoBackend``), scored with
-COCOeval against GT (:mod:`engine.evaluation`), plus the agreement of INT8 with FP32 and the
+COCOeval against GT (:mod:`distillery.engine.evaluation`), plus the agreement of INT8 with FP32 and the
 latency of each.
 
 Agreement: FP32 detections at a reference confidence become the "ground truth" and the
@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from engine.evaluation import evaluate, predict_ultralytics
+from distillery.engine.evaluation import evaluate, predict_ultralytics
 
 REF_CONFS = (0.5, 0.25, 0.1, 0.05, 0.01, 0.001)
 

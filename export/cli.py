@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli_errors import fail_cleanly
+from distillery.engine.cli_errors import fail_cleanly
 
 
 _errors = fail_cleanly
@@ -20,7 +20,7 @@ def export() -> None:
     \b
     distillery export onnx   --model runs/NAME/weights/best.pt --imgsz 640 --out student.onnx
     distillery export int8   --model student.onnx --store store/ --calib-images 512 --out student.int8.onnx
-    distillery export engine --model student.int8.trt.onnx --device-profile configs/devices/jetson-orin-nx.yaml --out student.orin.engine
+    distillery export engine --model student.int8.trt.onnx --device-profile jetson-orin-nx --out student.orin.engine
     distillery export check  --model best.pt --onnx student.onnx --int8 student.int8.onnx --gt annotations.json --images DIR
     """
 
@@ -36,14 +36,14 @@ def export() -> None:
 @_errors
 def export_onnx_cmd(model, imgsz, batch, opset, out, check_images):
     """Export the student to ONNX with metadata (classes, input size, preprocessing, label set)."""
-    from export.onnx import export_onnx, metadata, raw_parity
+    from distillery.export.onnx import export_onnx, metadata, raw_parity
 
     path = export_onnx(model, out, imgsz=imgsz, batch=batch, opset=opset)
     meta = metadata(path)
     click.echo(f"wrote {path}: input {meta.get('batch')}x3x{imgsz}x{imgsz}, classes {meta.get('names')}, "
                f"label set {meta.get('distillery_labelset', 'unknown')}")
     if check_images:
-        from engine.images import list_source
+        from distillery.engine.images import list_source
 
         d = raw_parity(model, path, list_source(check_images)[:8], imgsz)
         click.echo("parity (max |PyTorch - ONNX Runtime|): " + ", ".join(
@@ -67,13 +67,13 @@ def export_onnx_cmd(model, imgsz, batch, opset, out, check_images):
 def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, head, exclude, out):
     """Calibrate once, write INT8 Q/DQ ONNX for ONNX Runtime CPU (unsigned activations) and
     for TensorRT (signed symmetric), head in FP32 by default."""
-    from export.int8 import calibration_images, qdq_counts, quantize
+    from distillery.export.int8 import calibration_images, qdq_counts, quantize
 
     if (store is None) == (images_dir is None):
         raise click.UsageError("give exactly one calibration source: --store (a label set) or --images (a folder)")
     ls = None
     if store:
-        from engine.store import LabelStore
+        from distillery.engine.store import LabelStore
 
         ls = LabelStore(store).open(labelset)
     paths = calibration_images(ls, images_dir, calib_images)
@@ -89,15 +89,18 @@ def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, he
 
 @export.command("engine")
 @click.option("--model", required=True, type=click.Path(dir_okay=False, exists=True), help="TensorRT QDQ ONNX (*.trt.onnx).")
-@click.option("--device-profile", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--device-profile", required=True,
+              help="Device profile: a YAML file or a shipped name (jetson-orin-nx, rtx-server, ...; distillery configs list).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False))
 @_errors
 def export_engine_cmd(model, device_profile, out):
     """Build a strongly typed TensorRT engine on this (GPU) machine, with a manifest beside it."""
-    from export.engine import DeviceProfile, build_engine
+    from distillery.engine.config import resolve_config
+    from distillery.export.tensorrt import DeviceProfile, build_engine
 
+    profile = DeviceProfile.load(resolve_config("device-profile", device_profile))
     try:
-        m = build_engine(model, DeviceProfile.load(device_profile), out)
+        m = build_engine(model, profile, out)
     except RuntimeError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {out} for {m['gpu_name']} (sm {m['compute_capability']}), TensorRT {m['tensorrt_version']}; "
@@ -116,9 +119,9 @@ def export_engine_cmd(model, device_profile, out):
 @_errors
 def export_check_cmd(pt, fp32, int8, gt_path, images_dir, imgsz, limit, out):
     """PyTorch vs FP32 ONNX vs INT8 ONNX on the same images: mAP, INT8 agreement, latency."""
-    from engine.evaluation import load_gt
-    from export.check import export_check, format_report, image_list
-    from export.onnx import metadata
+    from distillery.engine.evaluation import load_gt
+    from distillery.export.check import export_check, format_report, image_list
+    from distillery.export.onnx import metadata
 
     models = {k: v for k, v in (("pytorch", pt), ("fp32", fp32), ("int8", int8)) if v}
     if not models:

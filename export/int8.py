@@ -1,6 +1,6 @@
 """INT8 with explicit quantization: Q/DQ nodes in the ONNX (ONNX Runtime's
 ``quantize_static``, QDQ format), calibrated on in-domain images with exactly the
-inference preprocessing (:func:`export.onnx.preprocess`).
+inference preprocessing (:func:`distillery.export.onnx.preprocess`).
 
 One calibration (activation ranges collected once, cached by ``calibration_cache_path``)
 gives two artifacts:
@@ -10,7 +10,7 @@ gives two artifacts:
   slow path; measured on yolov8n-seg at 320: 2.4x slower than FP32).
 * **TensorRT** (``*.trt.onnx`` beside it): weights and activations signed INT8, symmetric
   (zero point 0), as TensorRT's explicit quantization requires (TensorRT 11 has no implicit
-  INT8: engines are built from Q/DQ ONNX, see ``export.engine``).
+  INT8: engines are built from Q/DQ ONNX, see ``distillery.export.tensorrt``).
 
 The detection/mask head (ONNX node names under ``distillery_head``, e.g. ``/model.22/``)
 stays FP32 by default: box coordinates and class scores share one output tensor, and so
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.store import LabelSet
-from export.onnx import metadata, preprocess
+from distillery.engine.store import LabelSet
+from distillery.export.onnx import metadata, preprocess
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
@@ -51,7 +51,7 @@ def calibration_images(labelset: LabelSet | None = None, folder: str | None = No
                  if e is None and Path(p).is_file()]
         where = f"label set {labelset.id}"
     else:
-        from engine.images import list_source
+        from distillery.engine.images import list_source
 
         paths = list_source(folder)
         where = f"folder {folder}"
@@ -118,7 +118,7 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
     (``out`` with ``.trt.onnx``) QDQ artifacts (module docstring).
 
     Args:
-        onnx_in: the FP32 ONNX from :func:`export.onnx.export_onnx` (fixed input shape).
+        onnx_in: the FP32 ONNX from :func:`distillery.export.onnx.export_onnx` (fixed input shape).
         images: calibration image paths (:func:`calibration_images`).
         method: ``minmax`` | ``percentile`` (99.999th) | ``entropy`` (ONNX Runtime calibrators).
         keep_head_fp32: True: leave the whole detection/mask head unquantized; ``"outputs"``:

@@ -18,10 +18,10 @@ from typing import Iterable
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from engine.images import content_id, exif_size
-from engine.record import LabelRecord
-from engine.store import LabelSet, LabelStore
-from labeling.ontology import Ontology
+from distillery.engine.images import content_id, exif_size
+from distillery.engine.record import LabelRecord
+from distillery.engine.store import LabelSet, LabelStore
+from distillery.labeling.ontology import Ontology
 
 
 class CocoError(ValueError):
@@ -250,7 +250,7 @@ def import_coco(store: LabelStore, coco_path: str, images_dir: str, shard_size: 
     Re-importing the same file into the same store reopens the same label set and adds
     nothing. Returns the label set and import stats (images, instances, crowd, errors).
     """
-    from labeling.teachers import file_sha256
+    from distillery.labeling.teachers import file_sha256
 
     coco = load_coco(coco_path)
     classes, records, stats = coco_to_records(coco, images_dir)

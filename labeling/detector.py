@@ -11,7 +11,7 @@ steps are separate methods so each can be checked alone:
   ``(B, Q, max_text_len)`` and ``pred_boxes`` ``(B, Q, 4)`` in normalised cxcywh of the
   unpadded resized image (transformers ``GroundingDinoObjectDetectionOutput``);
 * :meth:`postprocess` -- sigmoid, token spans -> per-class scores (see
-  :mod:`labeling.ontology`), boxes to xyxy absolute pixels of the original frame,
+  :mod:`distillery.labeling.ontology`), boxes to xyxy absolute pixels of the original frame,
   chunk merge and class-aware NMS (``torchvision.ops.batched_nms``).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_convert, box_iou, clip_boxes_to_image
 
-from labeling.ontology import Ontology, build_chunks
+from distillery.labeling.ontology import Ontology, build_chunks
 
 
 @dataclass

@@ -96,7 +96,7 @@ class Ontology:
         Raises:
             OntologyError: the file is missing or not valid YAML of those shapes.
         """
-        from engine.config import ConfigError, load_yaml
+        from distillery.engine.config import ConfigError, load_yaml
 
         p = Path(path)
         try:

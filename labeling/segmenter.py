@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from labeling.detector import DTYPES, resolve_device
+from distillery.labeling.detector import DTYPES, resolve_device
 
 
 def build_sam_vit_tiny(checkpoint: str | None = None):

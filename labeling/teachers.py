@@ -36,16 +36,16 @@ import numpy as np
 
 import pyarrow as pa
 
-from engine.job import DECODED_SCHEMA, StageSpec, as_table, image_of
-from engine.record import LabelRecord, rows_to_table
+from distillery.engine.job import DECODED_SCHEMA, StageSpec, as_table, image_of
+from distillery.engine.record import LabelRecord, rows_to_table
 
 #: Decoded columns plus the detector's boxes (float32 N*4, xyxy px) and scores (float32 N*C).
 DETECTED_SCHEMA = DECODED_SCHEMA.append(pa.field("boxes", pa.list_(pa.float32()))).append(
     pa.field("scores", pa.list_(pa.float32()))
 )
-from labeling.detector import GroundingDinoTeacher
-from labeling.ontology import Ontology
-from labeling.segmenter import SamTeacher
+from distillery.labeling.detector import GroundingDinoTeacher
+from distillery.labeling.ontology import Ontology
+from distillery.labeling.segmenter import SamTeacher
 
 
 class PresetError(ValueError):
@@ -87,7 +87,7 @@ class TeacherPreset:
         Raises:
             PresetError: missing file, invalid YAML, unknown keys, wrong types.
         """
-        from engine.config import ConfigError, load_yaml
+        from distillery.engine.config import ConfigError, load_yaml
 
         p = Path(path).expanduser()
         try:
@@ -137,7 +137,7 @@ class TeacherPreset:
         """
         import torch
 
-        from labeling.segmenter import SAM_MODEL_TYPES
+        from distillery.labeling.segmenter import SAM_MODEL_TYPES
 
         d, s = self.detector, self.segmenter
         for where, obj, names in (("detector", d, ("batch_size", "actors", "max_detections")),
@@ -190,7 +190,7 @@ class TeacherPreset:
         """
         from transformers import AutoConfig, AutoTokenizer
 
-        from labeling.ontology import build_chunks
+        from distillery.labeling.ontology import build_chunks
 
         d = self.detector
         try:
@@ -333,7 +333,7 @@ class SegmentStage:
 
 
 def teacher_stages(preset: TeacherPreset, ontology: Ontology) -> list[StageSpec]:
-    """The detector and segmenter stages for :func:`engine.job.run_label_job`; each actor asks
+    """The detector and segmenter stages for :func:`distillery.engine.job.run_label_job`; each actor asks
     for one GPU when the preset's device is ``auto`` or ``cuda*`` and the cluster has GPUs."""
     gpu = preset.device == "auto" or preset.device.startswith("cuda")
     pd = preset.to_dict()

@@ -8,7 +8,7 @@
   beside it: ``from_pretrained(out_dir / "grounding-dino")`` loads it like a hub model;
 * ``sam_vit_tiny.pth`` -- a SAM state dict with a reduced (2-block, width-32) ViT image
   encoder and a width-32 prompt encoder and mask decoder (``model_type: vit_tiny``,
-  :func:`labeling.segmenter.build_sam_vit_tiny`);
+  :func:`distillery.labeling.segmenter.build_sam_vit_tiny`);
 * ``teachers.yaml`` -- a preset pointing at both (relative paths).
 
 Their weights are random: the labels they produce are meaningless. They exist so that
@@ -79,7 +79,7 @@ def write_tiny_sam(path: Path, seed: int = 0) -> Path:
     """Save a ``vit_tiny`` SAM state dict (random weights) to ``path``."""
     import torch
 
-    from labeling.segmenter import load_sam
+    from distillery.labeling.segmenter import load_sam
 
     torch.manual_seed(seed)
     sam = load_sam("vit_tiny", None)

@@ -25,9 +25,9 @@ import numpy as np
 import yaml
 from pycocotools import mask as mask_utils
 
-from engine.record import LabelRecord
-from engine.split import is_val
-from engine.store import LabelSet
+from distillery.engine.record import LabelRecord
+from distillery.engine.split import is_val
+from distillery.engine.store import LabelSet
 
 
 val_split = is_val  # deterministic split by image id (engine.split), shared with the student

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from engine.cli_errors import fail_cleanly
+from distillery.engine.cli_errors import fail_cleanly
 
 
 _errors = fail_cleanly
@@ -60,8 +60,8 @@ def train_cmd(store, labelset, curation, model, epochs, imgsz, batch, out, min_s
     """
     import yaml
 
-    from student.data import Selection
-    from student.train import train
+    from distillery.student.data import Selection
+    from distillery.student.train import train
 
     if resume:
         run = train(store, out, resume=True)
@@ -102,8 +102,8 @@ def eval_cmd(model_path, images_dir, store, labelset, gt_path, out, imgsz, conf,
     distillery eval --model runs/NAME/weights/best.pt --gt annotations.json --images DIR --out report/
     distillery eval --store store/ --labelset ID --gt annotations.json --out report/
     """
-    from engine.images import list_source
-    from engine.evaluation import evaluate, load_gt, predict_ultralytics, records_to_predictions, write_report
+    from distillery.engine.images import list_source
+    from distillery.engine.evaluation import evaluate, load_gt, predict_ultralytics, records_to_predictions, write_report
 
     if (model_path is None) == (store is None):
         raise click.UsageError("give exactly one of --model (a student) or --store (a label set)")
@@ -122,7 +122,7 @@ def eval_cmd(model_path, images_dir, store, labelset, gt_path, out, imgsz, conf,
         report = evaluate(gt, preds, names, image_files=paths)
         title = f"{Path(model_path).name} on {Path(gt_path).name}"
     else:
-        from engine.store import LabelStore
+        from distillery.engine.store import LabelStore
 
         ls = LabelStore(store).open(labelset)
         records = [r for r in ls.iter_records() if r.error is None]

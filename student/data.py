@@ -30,8 +30,8 @@ from ultralytics.data.converter import merge_multi_segment
 from ultralytics.data.dataset import YOLODataset
 from ultralytics.utils.instance import Instances
 
-from engine.split import is_val
-from engine.store import LabelSet, StoreError
+from distillery.engine.split import is_val
+from distillery.engine.store import LabelSet, StoreError
 
 #: Confidence -> loss weight mappings (``weight``: ``score``, ``sqrt``: score ** 0.5, ``none``: 1).
 WEIGHT_MAPPINGS = {"score": lambda s: s, "sqrt": np.sqrt, "none": np.ones_like}
@@ -50,7 +50,7 @@ class Selection:
             Instances a person accepted or relabeled weigh 1.
         classes: train on these ontology classes only (None: all); instances whose top
             class is another become background and the soft vectors keep these columns.
-        val_fraction: share of images (by image id, :func:`engine.split.is_val`) held out.
+        val_fraction: share of images (by image id, :func:`distillery.engine.split.is_val`) held out.
         curation: curation version to apply (None: the latest; 0: none).
     """
 

@@ -6,7 +6,7 @@ by wrapping its own parts (assigner, BCE, box loss, mask loss), never by copying
    ``one_hot(class) * s`` with ``s`` its normalised alignment metric. Here the target is
    ``soft * s``, ``soft`` being the teacher's score vector of the assigned instance.
 2. **Confidence weights.** Each instance's box (CIoU + DFL) and mask losses are weighted by
-   its weight ``w`` (a mapping of teacher confidence, :mod:`student.data`): the box loss's
+   its weight ``w`` (a mapping of teacher confidence, :mod:`distillery.student.data`): the box loss's
    per-anchor weight ``s`` becomes ``s * w``, the mask loss of each positive anchor is
    multiplied by ``w``. The normaliser stays ``sum(one_hot * s)`` as in ultralytics, so soft
    targets do not rescale the loss.

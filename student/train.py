@@ -1,6 +1,6 @@
 """The soft-label student trainer: ultralytics' ``SegmentationTrainer`` subclassed to read its
-data from the label store (:mod:`student.data`) and to train with
-:class:`student.loss.SoftSegmentationLoss`. Everything else -- augmentation, optimiser,
+data from the label store (:mod:`distillery.student.data`) and to train with
+:class:`distillery.student.loss.SoftSegmentationLoss`. Everything else -- augmentation, optimiser,
 EMA, validation, checkpoints, resume, logging -- is ultralytics' own.
 
 A run directory (``--out``) holds what ultralytics writes (``weights/last.pt``,
@@ -23,9 +23,9 @@ import yaml
 from ultralytics.models.yolo.segment import SegmentationTrainer
 from ultralytics.utils.torch_utils import unwrap_model
 
-from engine.store import LabelStore, StoreError
-from student.data import Selection, StoreSegDataset, TrainTable, build_table, table_summary
-from student.loss import SoftSegmentationLoss
+from distillery.engine.store import LabelStore, StoreError
+from distillery.student.data import Selection, StoreSegDataset, TrainTable, build_table, table_summary
+from distillery.student.loss import SoftSegmentationLoss
 
 DATA_FILE = "data.yaml"
 
@@ -134,7 +134,7 @@ def train(store: str | Path, out: str | Path, model: str = "yolov8n-seg.yaml", l
         store: label store; labelset: id or prefix (default: the only one).
         out: run directory (``project/name`` for ultralytics); must not hold a run unless ``resume``.
         model: an ultralytics model YAML (from scratch, e.g. ``yolov8n-seg.yaml``) or a ``.pt``.
-        selection: what to learn (:class:`student.data.Selection`).
+        selection: what to learn (:class:`distillery.student.data.Selection`).
         val_labelset: validate on this label set (e.g. GT imported with ``labels import``)
             instead of the held-out split.
         resume: continue ``out/weights/last.pt`` (same data and settings).

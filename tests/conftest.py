@@ -31,7 +31,7 @@ def coco128_gt(coco128) -> dict:
 @pytest.fixture(scope="session")
 def tiny_teachers(tmp_path_factory) -> Path:
     """Path of the preset written by `distillery teachers tiny` (random weights)."""
-    from labeling.tiny import write_tiny_teachers
+    from distillery.labeling.tiny import write_tiny_teachers
 
     return write_tiny_teachers(tmp_path_factory.mktemp("tiny-teachers"))
 

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from labeling.detector import GroundingDinoTeacher
-from labeling.segmenter import SamTeacher
+from distillery.labeling.detector import GroundingDinoTeacher
+from distillery.labeling.segmenter import SamTeacher
 
 LOGIT = 10.0
 

@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 from pycocotools.coco import COCO
 
-from engine.cli import main
+from distillery.engine.cli import main
 
 
 def test_cli_label_info_export(tiny_teachers, coco128, tmp_path):

@@ -1,4 +1,4 @@
-"""``distillery curate ...``: thin commands over :mod:`labeling.curation` (FiftyOne is imported
+"""``distillery curate ...``: thin commands over :mod:`distillery.labeling.curation` (FiftyOne is imported
 only when a command runs)."""
 
 from __future__ import annotations
@@ -7,10 +7,17 @@ import os
 
 import click
 
-from engine.cli_errors import fail_cleanly
+from distillery.engine.cli_errors import fail_cleanly
 
 
 _errors = fail_cleanly
+
+
+def _rules(value):
+    """--rules: a file or a shipped name; None means the default thresholds."""
+    from distillery.engine.config import resolve_config
+
+    return None if value is None else resolve_config("rules", value)
 
 
 @click.group()
@@ -25,7 +32,7 @@ def curate(database_dir, database_uri) -> None:
     \b
     distillery curate sync   --store store/ --dataset coco128
     distillery curate app    --dataset coco128            # http://127.0.0.1:5151
-    distillery curate rules  --dataset coco128 --rules configs/curation.yaml
+    distillery curate rules  --dataset coco128 --rules default
     distillery curate commit --dataset coco128 --store store/
     distillery curate report --store store/ --out report/
     """
@@ -40,8 +47,8 @@ def curate(database_dir, database_uri) -> None:
 @click.option("--labelset", default=None,
               help="Label set id or unique prefix (default: the dataset's, else the store's only one).")
 @click.option("--dataset", "name", required=True, help="FiftyOne dataset name (created if new, persistent).")
-@click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None,
-              help="curation.yaml: thresholds for score bands and review signals (default thresholds otherwise).")
+@click.option("--rules", "rules_path", default=None,
+              help="Curation rules: a YAML file or a shipped name (default). Thresholds for score bands and review signals (default thresholds otherwise).")
 @click.option("--no-phash", is_flag=True, help="Skip perceptual hashes (no near-duplicate view; no image decoding).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_errors
@@ -51,13 +58,13 @@ def curate_sync(store, labelset, name, rules_path, no_phash, quiet):
 
     Example: distillery curate sync --store store/ --dataset coco128
     """
-    from engine.store import LabelStore
-    from labeling.curation.config import CurationConfig
-    from labeling.curation.dataset import bound_labelset, sync
+    from distillery.engine.store import LabelStore
+    from distillery.labeling.curation.config import CurationConfig
+    from distillery.labeling.curation.dataset import bound_labelset, sync
 
     # an existing dataset already names its label set
     ls = LabelStore(store).open(labelset or bound_labelset(name))
-    s = sync(ls, name, CurationConfig.load(rules_path), with_phash=not no_phash, progress=not quiet)
+    s = sync(ls, name, CurationConfig.load(_rules(rules_path)), with_phash=not no_phash, progress=not quiet)
     click.echo(
         f"dataset {s.dataset} <- label set {s.labelset}: {s.added} added, {s.updated} updated, {s.unchanged} unchanged "
         f"images (written: {s.instances} instances, {s.errors} error images, {s.restored_decisions} decisions "
@@ -82,7 +89,7 @@ def curate_app(name, port, host, view_name):
 
     Example: distillery curate app --dataset coco128 --view review-queue
     """
-    from labeling.curation.dataset import CurationError, _fo, open_dataset
+    from distillery.labeling.curation.dataset import CurationError, _fo, open_dataset
 
     fo = _fo()
     ds = open_dataset(name)
@@ -110,20 +117,20 @@ def curate_app(name, port, host, view_name):
 
 @curate.command("rules")
 @click.option("--dataset", "name", required=True)
-@click.option("--rules", "rules_path", required=True, type=click.Path(dir_okay=False),
-              help="curation.yaml (see configs/curation.yaml).")
+@click.option("--rules", "rules_path", required=True,
+              help="Curation rules: a YAML file or a shipped name (default; `distillery configs show default --kind rules`).")
 @click.option("--overwrite-manual", is_flag=True, help="Also replace decisions people set in the App.")
 @_errors
 def curate_rules(name, rules_path, overwrite_manual):
     """Apply rule-based decisions (accept / reject / ignore) to every instance.
 
-    Example: distillery curate rules --dataset coco128 --rules configs/curation.yaml
+    Example: distillery curate rules --dataset coco128 --rules default
     """
-    from labeling.curation.config import CurationConfig
-    from labeling.curation.dataset import apply_rules, open_dataset
+    from distillery.labeling.curation.config import CurationConfig
+    from distillery.labeling.curation.dataset import apply_rules, open_dataset
 
     ds = open_dataset(name)
-    counts = apply_rules(ds, CurationConfig.load(rules_path), overwrite_manual)
+    counts = apply_rules(ds, CurationConfig.load(_rules(rules_path)), overwrite_manual)
     click.echo(
         "rules set: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("accept", "reject", "ignore", "none"))
         + f"; manual decisions kept: {counts.get('manual_kept', 0)}"
@@ -141,8 +148,8 @@ def curate_commit(name, store):
 
     Example: distillery curate commit --dataset coco128 --store store/
     """
-    from engine.store import LabelStore
-    from labeling.curation.dataset import commit, open_dataset
+    from distillery.engine.store import LabelStore
+    from distillery.labeling.curation.dataset import commit, open_dataset
 
     ds = open_dataset(name)
     ls = LabelStore(store).open(ds.info["distillery"]["labelset"])
@@ -158,20 +165,20 @@ def curate_commit(name, store):
 @click.option("--store", required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--labelset", default=None, help="Label set id or unique prefix (default: the only one).")
 @click.option("--out", required=True, type=click.Path(), help="Directory for the PNGs and report.json.")
-@click.option("--rules", "rules_path", type=click.Path(dir_okay=False), default=None,
-              help="curation.yaml whose score bands are drawn (default thresholds otherwise).")
+@click.option("--rules", "rules_path", default=None,
+              help="Curation rules (a YAML file or a shipped name) whose score bands are drawn (default thresholds otherwise).")
 @_errors
 def curate_report(store, labelset, out, rules_path):
     """Per-class counts, score histograms and decision totals as PNGs plus report.json.
 
     Example: distillery curate report --store store/ --out report/
     """
-    from engine.store import LabelStore
-    from labeling.curation.config import CurationConfig
-    from labeling.curation.report import write_report
+    from distillery.engine.store import LabelStore
+    from distillery.labeling.curation.config import CurationConfig
+    from distillery.labeling.curation.report import write_report
 
     ls = LabelStore(store).open(labelset)
-    cfg = CurationConfig.load(rules_path)
+    cfg = CurationConfig.load(_rules(rules_path))
     cfg.check_classes(ls.classes, str(rules_path))
     nums = write_report(ls, out, cfg)
     d = nums["decisions"]

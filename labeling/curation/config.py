@@ -32,8 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config import ConfigError, load_yaml
-from engine.store import DECISIONS
+from distillery.engine.config import ConfigError, load_yaml
+from distillery.engine.store import DECISIONS
 
 #: Signals a rule can name (keys of ``rules``).
 RULE_SIGNALS = ("below", "uncertain", "confident", "tiny", "image_filling", "ambiguous", "mask_box_disagree", "overlap")

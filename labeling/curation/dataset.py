@@ -14,7 +14,7 @@ Decisions are label tags (``accept``, ``reject``, ``ignore``) and ``relabel:<cla
 class correction; sample tags ``accept`` / ``reject`` / ``ignore`` decide a whole image.
 Teacher output is never changed: ``teacher_label`` keeps the teacher's class. Each
 detection's ``instance_uid`` is the store's instance id
-(:attr:`engine.record.LabelRecord.instance_ids`; FiftyOne reserves ``instance_id``).
+(:attr:`distillery.engine.record.LabelRecord.instance_ids`; FiftyOne reserves ``instance_id``).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import numpy as np
 import pyarrow as pa
 from pycocotools import mask as mask_utils
 
-from engine.images import error_kind
-from engine.record import LabelRecord
-from engine.store import CURATION_SCHEMA, DECISIONS, LabelSet, StoreError
-from labeling.curation.config import CurationConfig
-from labeling.curation.signals import fired_rules, instance_signals, near_duplicate_groups, phash, rule_decision
+from distillery.engine.images import error_kind
+from distillery.engine.record import LabelRecord
+from distillery.engine.store import CURATION_SCHEMA, DECISIONS, LabelSet, StoreError
+from distillery.labeling.curation.config import CurationConfig
+from distillery.labeling.curation.signals import fired_rules, instance_signals, near_duplicate_groups, phash, rule_decision
 
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")  # an offline tool: no usage analytics
 
@@ -215,7 +215,7 @@ def _decision_of(tags: list[str], where: str) -> str | None:
 
 def collect_decisions(samples, classes: list[str]) -> pa.Table:
     """Every decision in ``samples`` (a dataset or view) as a table of
-    :data:`engine.store.CURATION_SCHEMA`. An instance is in it when it has a decision tag or a
+    :data:`distillery.engine.store.CURATION_SCHEMA`. An instance is in it when it has a decision tag or a
     class correction (``relabel:<class>`` tag, or ``label`` != ``teacher_label``).
 
     Raises:
@@ -428,7 +428,7 @@ def recompute_bands(ds, cfg: CurationConfig) -> int:
 
 def apply_rules(ds, cfg: CurationConfig, overwrite_manual: bool = False) -> Counter:
     """Set decision tags from ``cfg.rules`` on every instance (see
-    :func:`labeling.curation.signals.fired_rules` / ``rule_decision``) after recomputing each
+    :func:`distillery.labeling.curation.signals.fired_rules` / ``rule_decision``) after recomputing each
     instance's score band with ``cfg``'s thresholds. Manual decisions (a decision tag that
     the rules did not set) are kept unless ``overwrite_manual``.
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.images import error_kind
-from engine.store import DECISIONS, LabelSet
-from labeling.curation.config import CurationConfig
+from distillery.engine.images import error_kind
+from distillery.engine.store import DECISIONS, LabelSet
+from distillery.labeling.curation.config import CurationConfig
 
 #: Histogram bin edges on box_score: 20 bins of 0.05 over [0, 1].
 BINS = np.round(np.linspace(0.0, 1.0, 21), 2)

@@ -12,8 +12,8 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import box_iou
 
-from engine.record import LabelRecord
-from labeling.curation.config import CurationConfig
+from distillery.engine.record import LabelRecord
+from distillery.labeling.curation.config import CurationConfig
 
 #: Signals combined into the review priority (each in [0, 1], 1 = most suspicious).
 PRIORITY_SIGNALS = ("low_score", "ambiguous", "mask_box_disagree", "low_mask_score", "overlap", "size")
@@ -110,7 +110,7 @@ def instance_signals(rec: LabelRecord, classes: list[str], cfg: CurationConfig) 
 
 def fired_rules(box_score: float, band: str, margin: float, mask_box_iou: float, area: float,
                 overlap_iou: float, cfg: CurationConfig) -> list[str]:
-    """Names of the rule signals (:data:`labeling.curation.config.RULE_SIGNALS`) that hold for
+    """Names of the rule signals (:data:`distillery.labeling.curation.config.RULE_SIGNALS`) that hold for
     one instance. ``band`` is its score band; the others as in :class:`InstanceSignals`."""
     fired = [band]
     if area < cfg.min_area:
@@ -129,7 +129,7 @@ def fired_rules(box_score: float, band: str, margin: float, mask_box_iou: float,
 def rule_decision(fired: list[str], cfg: CurationConfig) -> str | None:
     """The most severe decision (reject > ignore > accept) among the rules that fired; None
     if no fired signal has a decision."""
-    from labeling.curation.config import SEVERITY
+    from distillery.labeling.curation.config import SEVERITY
 
     decisions = [cfg.rules.get(f) for f in fired]
     decisions = [d for d in decisions if d is not None]

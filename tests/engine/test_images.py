@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.images import SourceError, content_id, decode, list_source, list_sources, to_rgb
+from distillery.engine.images import SourceError, content_id, decode, list_source, list_sources, to_rgb
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_garbage_file_is_an_error_record_even_after_ultralytics_is_imported(tmp_
     """ultralytics patches PIL.Image.open (HEIF plugin on the first unidentified file)."""
     import ultralytics.utils.patches  # noqa: F401
 
-    from engine.images import decode
+    from distillery.engine.images import decode
 
     p = tmp_path / "garbage.jpg"
     p.write_bytes(b"definitely not an image" * 20)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
-from engine.job import run_label_job
-from engine.store import LabelStore
-from labeling.ontology import Ontology
-from labeling.teachers import TeacherPreset, labelset_spec, teacher_stages
+from distillery.engine.job import run_label_job
+from distillery.engine.store import LabelStore
+from distillery.labeling.ontology import Ontology
+from distillery.labeling.teachers import TeacherPreset, labelset_spec, teacher_stages
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ def ray_local():
 
 
 def test_ray_job_labels_good_images_and_records_bad_ones(pool, preset_path, tmp_path, ray_local):
-    from engine.images import list_source
+    from distillery.engine.images import list_source
 
     onto = Ontology.from_classes("person,car,giraffe,traffic light")
     preset = TeacherPreset.load(preset_path)

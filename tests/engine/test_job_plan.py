@@ -4,7 +4,7 @@ import pytest
 
 
 def test_actor_pools_leave_cpus_for_decoding():
-    from engine.job import StageSpec, plan_actor_cpus
+    from distillery.engine.job import StageSpec, plan_actor_cpus
 
     two = [StageSpec(object, {}, actors=1), StageSpec(object, {}, actors=1)]
     assert plan_actor_cpus(2, 2, two) == 0.75  # 1.5 of 2 CPUs to the actors, 0.5 to decoding

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from engine.record import LabelRecord, RecordError
-from engine.store import LabelStore, StoreError, fingerprint
+from distillery.engine.record import LabelRecord, RecordError
+from distillery.engine.store import LabelStore, StoreError, fingerprint
 
 
 def rec(path, image_id, n=2, C=3, h=20, w=30):

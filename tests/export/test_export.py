@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.store import LabelStore
-from labeling.coco import import_coco
+from distillery.engine.store import LabelStore
+from distillery.labeling.coco import import_coco
 
 pytestmark = pytest.mark.slow
 
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def student(coco128, coco128_gt, tmp_path_factory):
     """A student trained for one epoch from a label set (so the run has distillery.json)."""
-    from student.data import Selection
-    from student.train import train
+    from distillery.student.data import Selection
+    from distillery.student.train import train
 
     d = tmp_path_factory.mktemp("export")
     ids = sorted({a["image_id"] for a in coco128_gt["annotations"]})[:8]
@@ -36,7 +36,7 @@ def student(coco128, coco128_gt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(student):
-    from export.onnx import export_onnx
+    from distillery.export.onnx import export_onnx
 
     d, _, pt, _ = student
     return export_onnx(pt, d / "student.onnx", imgsz=320)
@@ -48,7 +48,7 @@ def photos(coco128):
 
 
 def test_onnx_metadata_and_raw_parity(student, exported, photos):
-    from export.onnx import PREPROCESSING, metadata, raw_parity
+    from distillery.export.onnx import PREPROCESSING, metadata, raw_parity
 
     _, ls, pt, _ = student
     meta = metadata(exported)
@@ -64,7 +64,7 @@ def test_same_detections_after_postprocessing(student, exported, photos):
     from torchvision.ops import box_iou
     import torch
 
-    from engine.evaluation import predict_ultralytics
+    from distillery.engine.evaluation import predict_ultralytics
 
     _, _, pt, _ = student
     # a one-epoch student scores low: keep (almost) every candidate, ultralytics' NMS decides
@@ -87,7 +87,7 @@ def test_calibration_preprocessing_is_inference_preprocessing(exported, photos):
     from ultralytics import YOLO
     from ultralytics.utils.patches import imread
 
-    from export.onnx import preprocess
+    from distillery.export.onnx import preprocess
 
     model = YOLO(str(exported), task="segment")
     model.predict(photos[0], imgsz=320, verbose=False)  # sets up ultralytics' predictor
@@ -101,7 +101,7 @@ def test_calibration_preprocessing_is_inference_preprocessing(exported, photos):
 def test_int8_artifacts_qdq_and_run(student, exported, photos, tmp_path):
     import onnxruntime as ort
 
-    from export.int8 import CalibrationError, calibration_images, head_nodes, qdq_counts, quantize
+    from distillery.export.int8 import CalibrationError, calibration_images, head_nodes, qdq_counts, quantize
 
     _, ls, _, _ = student
     with pytest.raises(CalibrationError, match="8 usable images, fewer than the 9"):
@@ -135,8 +135,8 @@ def test_int8_artifacts_qdq_and_run(student, exported, photos, tmp_path):
 
 
 def test_engine_manifest_compatibility_and_profiles(tmp_path):
-    from engine.config import ConfigError
-    from export.engine import DeviceProfile, EngineMismatch, check_compatible
+    from distillery.engine.config import ConfigError
+    from distillery.export.tensorrt import DeviceProfile, EngineMismatch, check_compatible
 
     built = {"tensorrt_version": "11.0.0", "gpu_name": "Orin", "compute_capability": "8.7"}
     check_compatible(built, dict(built))
@@ -144,8 +144,9 @@ def test_engine_manifest_compatibility_and_profiles(tmp_path):
                       ("gpu_name", "NVIDIA H200", "GPU 'Orin'")):
         with pytest.raises(EngineMismatch, match=msg):
             check_compatible(built, {**built, k: v})
-    root = Path(__file__).resolve().parents[2] / "configs" / "devices"
-    profiles = {p.stem: DeviceProfile.load(p) for p in root.glob("*.yaml")}
+    from distillery.engine.config import shipped_configs
+
+    profiles = {name: DeviceProfile.load(p) for name, p in shipped_configs("device-profile")["device-profile"].items()}
     assert profiles["jetson-orin-nx-dla0"].dla_core == 0 and profiles["rtx-server"].batch == 8
     for text, msg in (("imgsz: 600", "imgsz=600"), ("dla: 0", "unknown key"), ("batch: 0", "batch=0")):
         p = tmp_path / "bad.yaml"
@@ -161,8 +162,8 @@ def test_engine_builds_and_runs_on_a_gpu(student, exported, tmp_path):  # pragma
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     pytest.importorskip("tensorrt")
-    from export.engine import DeviceProfile, build_engine, load_engine, manifest_path
-    from export.int8 import calibration_images, quantize
+    from distillery.export.tensorrt import DeviceProfile, build_engine, load_engine, manifest_path
+    from distillery.export.int8 import calibration_images, quantize
 
     _, ls, _, _ = student
     r = quantize(exported, tmp_path / "s.int8.onnx", calibration_images(ls, n=8))
@@ -173,7 +174,7 @@ def test_engine_builds_and_runs_on_a_gpu(student, exported, tmp_path):  # pragma
 
 
 def test_cli_export_onnx_int8_check(student, tmp_path, coco128):
-    from engine.cli import main
+    from distillery.engine.cli import main
 
     d, ls, pt, _ = student
     run = CliRunner().invoke
@@ -199,8 +200,8 @@ def test_cli_export_onnx_int8_check(student, tmp_path, coco128):
 def test_agreement_reference_scores_identical_predictions_as_perfect(student):
     """The agreement measure: predictions scored against themselves as reference give mAP 1,
     and dropping half of them lowers recall-bound mAP."""
-    from engine.evaluation import evaluate, records_to_predictions
-    from export.check import predictions_to_gt
+    from distillery.engine.evaluation import evaluate, records_to_predictions
+    from distillery.export.check import predictions_to_gt
 
     _, ls, _, sub = student
     recs = [r for r in ls.iter_records() if r.error is None]

@@ -10,9 +10,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from engine.store import LabelStore
-from labeling.coco import CocoError, align_to_gt, import_coco, records_to_coco, segmentation_to_rle
-from labeling.yolo import export_yolo_seg, mask_to_polygon
+from distillery.engine.store import LabelStore
+from distillery.labeling.coco import CocoError, align_to_gt, import_coco, records_to_coco, segmentation_to_rle
+from distillery.labeling.yolo import export_yolo_seg, mask_to_polygon
 
 
 @pytest.fixture(scope="module")

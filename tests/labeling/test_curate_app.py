@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.store import LabelStore
-from labeling.coco import import_coco
-from labeling.curation.dataset import sync
+from distillery.engine.store import LabelStore
+from distillery.labeling.coco import import_coco
+from distillery.labeling.curation.dataset import sync
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -58,7 +58,7 @@ def app(fo, dataset_name, coco128, tmp_path):
     port = _free_port()
     log = open(tmp_path / "app.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "curate", "app", "--dataset", dataset_name, "--port", str(port)],
+        [sys.executable, "-m", "distillery.engine.cli", "curate", "app", "--dataset", dataset_name, "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True,
     )
 

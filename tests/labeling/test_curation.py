@@ -15,13 +15,13 @@ from click.testing import CliRunner
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from engine.config import ConfigError
-from engine.images import content_id
-from engine.record import LabelRecord
-from engine.store import LabelStore
-from labeling.coco import import_coco
-from labeling.curation.config import CurationConfig
-from labeling.curation.dataset import (
+from distillery.engine.config import ConfigError
+from distillery.engine.images import content_id
+from distillery.engine.record import LabelRecord
+from distillery.engine.store import LabelStore
+from distillery.labeling.coco import import_coco
+from distillery.labeling.curation.config import CurationConfig
+from distillery.labeling.curation.dataset import (
     FIELD,
     CurationError,
     apply_rules,
@@ -32,7 +32,7 @@ from labeling.curation.dataset import (
     sample_to_record,
     sync,
 )
-from labeling.curation.signals import near_duplicate_groups, phash
+from distillery.labeling.curation.signals import near_duplicate_groups, phash
 
 CLASSES = ["cat", "dog"]
 W = H = 100
@@ -215,7 +215,7 @@ def test_error_images_decisions_concurrent_commits_and_stray_files(fo, dataset_n
     (ls.curation_dir / "notes.txt").write_text("x")
     assert ls.curation_versions() == [1]
     (ls.curation_dir / "v0002.parquet").write_bytes(b"")
-    from engine.store import StoreError
+    from distillery.engine.store import StoreError
 
     with pytest.raises(StoreError, match="v0002.parquet: unreadable curation version"):
         ls.curation()
@@ -302,7 +302,7 @@ def test_near_duplicate_groups_on_real_photos(coco128, tmp_path):
 
 
 def test_a_database_other_than_the_requested_one_is_refused(fo, monkeypatch, tmp_path):
-    from labeling.curation.dataset import check_database
+    from distillery.labeling.curation.dataset import check_database
 
     monkeypatch.delenv("FIFTYONE_DATABASE_URI")
     monkeypatch.setenv("FIFTYONE_DATABASE_DIR", str(tmp_path / "elsewhere"))
@@ -331,12 +331,14 @@ def test_config_errors_name_the_problem(tmp_path):
     cfg = CurationConfig.from_dict({"score_bands": {"unicorn": {"confident": 0.5}}})
     with pytest.raises(ConfigError, match="unicorn"):
         cfg.check_classes(CLASSES)
-    shipped = Path(__file__).resolve().parents[2] / "configs" / "curation.yaml"
+    from distillery.engine.config import resolve_config
+
+    shipped = resolve_config("rules", "default")
     assert CurationConfig.load(shipped) == CurationConfig()  # the shipped file states the defaults
 
 
 def test_cli_sync_rules_commit_report(fo, dataset_name, store, tmp_path):
-    from engine.cli import main
+    from distillery.engine.cli import main
 
     st, ls, _ = store
     rules = tmp_path / "curation.yaml"

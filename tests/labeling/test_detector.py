@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from labeling.detector import GroundingDinoTeacher
-from labeling.ontology import Ontology
-from labeling.teachers import TeacherPreset
+from distillery.labeling.detector import GroundingDinoTeacher
+from distillery.labeling.ontology import Ontology
+from distillery.labeling.teachers import TeacherPreset
 
 
 class Scripted(GroundingDinoTeacher):

@@ -11,12 +11,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from engine.images import decode
-from engine.job import StageSpec, run_label_job
-from engine.store import LabelStore
-from labeling.coco import align_to_gt, records_to_coco, segmentation_to_rle
-from labeling.ontology import Ontology
-from labeling.teachers import DetectStage, SegmentStage, TeacherPreset, labelset_spec
+from distillery.engine.images import decode
+from distillery.engine.job import StageSpec, run_label_job
+from distillery.engine.store import LabelStore
+from distillery.labeling.coco import align_to_gt, records_to_coco, segmentation_to_rle
+from distillery.labeling.ontology import Ontology
+from distillery.labeling.teachers import DetectStage, SegmentStage, TeacherPreset, labelset_spec
 from tests.oracle import GroundTruth, OracleDetector, OracleSegmenter
 
 pytestmark = pytest.mark.slow

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from labeling.ontology import DELIMITER_TOKEN_IDS, Ontology, OntologyError, build_chunks
-from labeling.tiny import bert_uncased_vocab
+from distillery.labeling.ontology import DELIMITER_TOKEN_IDS, Ontology, OntologyError, build_chunks
+from distillery.labeling.tiny import bert_uncased_vocab
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from engine.cli import main
-from labeling.ontology import Ontology, OntologyError
-from labeling.teachers import PresetError, TeacherPreset
+from distillery.engine.cli import main
+from distillery.labeling.ontology import Ontology, OntologyError
+from distillery.labeling.teachers import PresetError, TeacherPreset
 
 
 def write(tmp_path, data, name="p.yaml"):

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from engine.images import content_id
-from engine.record import LabelRecord
-from engine.store import CURATION_SCHEMA, LabelStore
-from student.data import Selection, StoreSegDataset, build_table, mask_to_segment
+from distillery.engine.images import content_id
+from distillery.engine.record import LabelRecord
+from distillery.engine.store import CURATION_SCHEMA, LabelStore
+from distillery.student.data import Selection, StoreSegDataset, build_table, mask_to_segment
 
 H, W = 240, 320
 CLASSES = ["cat", "dog"]

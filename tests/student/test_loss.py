@@ -9,7 +9,7 @@ from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import SegmentationModel
 from ultralytics.utils.loss import v8SegmentationLoss
 
-from student.loss import SoftSegmentationLoss
+from distillery.student.loss import SoftSegmentationLoss
 
 NC = 3
 

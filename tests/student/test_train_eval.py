@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from engine.store import LabelStore
-from labeling.coco import import_coco
-from student.data import Selection
-from engine.evaluation import evaluate, records_to_predictions, write_report
+from distillery.engine.store import LabelStore
+from distillery.labeling.coco import import_coco
+from distillery.student.data import Selection
+from distillery.engine.evaluation import evaluate, records_to_predictions, write_report
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ TINY = dict(epochs=2, imgsz=64, batch=4, workers=0, plots=False, seed=0, mosaic=
 def test_train_resume_and_plain_checkpoint(gt_store, tmp_path):
     from ultralytics import YOLO
 
-    from student.train import train
+    from distillery.student.train import train
 
     d, ls, _ = gt_store
     out = tmp_path / "run"
@@ -100,7 +100,7 @@ def test_label_set_evaluates_to_one_and_reports_class_mapping(gt_store, tmp_path
 
 
 def test_cli_train_and_eval(gt_store, tmp_path, coco128):
-    from engine.cli import main
+    from distillery.engine.cli import main
 
     d, ls, _ = gt_store
     run = CliRunner().invoke

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from engine.config import ConfigError, load_yaml
+from distillery.engine.config import ConfigError, load_yaml
 
 
 class EngineMismatch(RuntimeError):
