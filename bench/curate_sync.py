@@ -69,7 +69,8 @@ def main() -> None:
     import fiftyone as fo
 
     from distillery.labeling.curation.config import CurationConfig
-    from distillery.labeling.curation.dataset import record_to_sample, sync
+    from distillery.labeling.curation.samples import record_to_sample
+    from distillery.labeling.curation.sync import sync
 
     rng = np.random.default_rng(0)
     (TMP / "img").mkdir()

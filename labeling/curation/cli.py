@@ -20,13 +20,32 @@ def _rules(value):
     return None if value is None else resolve_config("rules", value)
 
 
+def _use_database(ctx, param, value):
+    """Option callback: put --database-dir / --database-uri where FiftyOne reads them (its env
+    vars, read when FiftyOne is first imported). Callbacks of a subcommand run after the
+    group's, so a value given after the subcommand wins."""
+    if value:
+        if param.name == "database_dir":
+            os.environ["FIFTYONE_DATABASE_DIR"] = os.path.abspath(os.path.expanduser(value))
+        else:
+            os.environ["FIFTYONE_DATABASE_URI"] = value
+    return value
+
+
+def database_options(fn):
+    """--database-dir and --database-uri, accepted on the ``curate`` group and on every subcommand."""
+    fn = click.option("--database-uri", envvar="FIFTYONE_DATABASE_URI", default=None, expose_value=False,
+                      callback=_use_database,
+                      help="Use an existing MongoDB instead of FiftyOne's own (env FIFTYONE_DATABASE_URI).")(fn)
+    return click.option("--database-dir", envvar="FIFTYONE_DATABASE_DIR", type=click.Path(file_okay=False),
+                        default=None, expose_value=False, callback=_use_database,
+                        help="Where FiftyOne's MongoDB keeps its files (env FIFTYONE_DATABASE_DIR; FiftyOne's "
+                             "default: ~/.fiftyone/var/lib/mongo).")(fn)
+
+
 @click.group()
-@click.option("--database-dir", envvar="FIFTYONE_DATABASE_DIR", type=click.Path(file_okay=False), default=None,
-              help="Where FiftyOne's MongoDB keeps its files (env FIFTYONE_DATABASE_DIR; FiftyOne's default: "
-                   "~/.fiftyone/var/lib/mongo).")
-@click.option("--database-uri", envvar="FIFTYONE_DATABASE_URI", default=None,
-              help="Use an existing MongoDB instead of FiftyOne's own (env FIFTYONE_DATABASE_URI).")
-def curate(database_dir, database_uri) -> None:
+@database_options
+def curate() -> None:
     """Curate pseudo-labels in FiftyOne; decisions go back to the store as a versioned layer.
 
     \b
@@ -35,14 +54,13 @@ def curate(database_dir, database_uri) -> None:
     distillery curate rules  --dataset coco128 --rules default
     distillery curate commit --dataset coco128 --store store/
     distillery curate report --store store/ --out report/
+
+    --database-dir / --database-uri go before or after the subcommand; after it, they win.
     """
-    if database_dir:
-        os.environ["FIFTYONE_DATABASE_DIR"] = os.path.abspath(os.path.expanduser(database_dir))
-    if database_uri:
-        os.environ["FIFTYONE_DATABASE_URI"] = database_uri
 
 
 @curate.command("sync")
+@database_options
 @click.option("--store", required=True, type=click.Path(file_okay=False, exists=True), help="Label store directory.")
 @click.option("--labelset", default=None,
               help="Label set id or unique prefix (default: the dataset's, else the store's only one).")
@@ -60,7 +78,8 @@ def curate_sync(store, labelset, name, rules_path, no_phash, quiet):
     """
     from distillery.engine.store import LabelStore
     from distillery.labeling.curation.config import CurationConfig
-    from distillery.labeling.curation.dataset import bound_labelset, sync
+    from distillery.labeling.curation.database import bound_labelset
+    from distillery.labeling.curation.sync import sync
 
     # an existing dataset already names its label set
     ls = LabelStore(store).open(labelset or bound_labelset(name))
@@ -78,6 +97,7 @@ def curate_sync(store, labelset, name, rules_path, no_phash, quiet):
 
 
 @curate.command("app")
+@database_options
 @click.option("--dataset", "name", required=True, help="FiftyOne dataset made by `curate sync`.")
 @click.option("--port", type=click.IntRange(1, 65535), default=5151, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -89,9 +109,9 @@ def curate_app(name, port, host, view_name):
 
     Example: distillery curate app --dataset coco128 --view review-queue
     """
-    from distillery.labeling.curation.dataset import CurationError, _fo, open_dataset
+    from distillery.labeling.curation.database import CurationError, load_fiftyone, open_dataset
 
-    fo = _fo()
+    fo = load_fiftyone()
     ds = open_dataset(name)
     view = None
     if view_name:
@@ -116,6 +136,7 @@ def curate_app(name, port, host, view_name):
 
 
 @curate.command("rules")
+@database_options
 @click.option("--dataset", "name", required=True)
 @click.option("--rules", "rules_path", required=True,
               help="Curation rules: a YAML file or a shipped name (default; `distillery configs show default --kind rules`).")
@@ -127,7 +148,8 @@ def curate_rules(name, rules_path, overwrite_manual):
     Example: distillery curate rules --dataset coco128 --rules default
     """
     from distillery.labeling.curation.config import CurationConfig
-    from distillery.labeling.curation.dataset import apply_rules, open_dataset
+    from distillery.labeling.curation.database import open_dataset
+    from distillery.labeling.curation.rules import apply_rules
 
     ds = open_dataset(name)
     counts = apply_rules(ds, CurationConfig.load(_rules(rules_path)), overwrite_manual)
@@ -140,6 +162,7 @@ def curate_rules(name, rules_path, overwrite_manual):
 
 
 @curate.command("commit")
+@database_options
 @click.option("--dataset", "name", required=True)
 @click.option("--store", required=True, type=click.Path(file_okay=False, exists=True))
 @_errors
@@ -149,7 +172,8 @@ def curate_commit(name, store):
     Example: distillery curate commit --dataset coco128 --store store/
     """
     from distillery.engine.store import LabelStore
-    from distillery.labeling.curation.dataset import commit, open_dataset
+    from distillery.labeling.curation.database import open_dataset
+    from distillery.labeling.curation.decisions import commit
 
     ds = open_dataset(name)
     ls = LabelStore(store).open(ds.info["distillery"]["labelset"])
@@ -162,6 +186,7 @@ def curate_commit(name, store):
 
 
 @curate.command("report")
+@database_options
 @click.option("--store", required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--labelset", default=None, help="Label set id or unique prefix (default: the only one).")
 @click.option("--out", required=True, type=click.Path(), help="Directory for the PNGs and report.json.")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from distillery.engine.store import LabelStore
 from distillery.labeling.coco import import_coco
-from distillery.labeling.curation.dataset import sync
+from distillery.labeling.curation.sync import sync
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

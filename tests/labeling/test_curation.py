@@ -21,17 +21,11 @@ from distillery.engine.record import LabelRecord
 from distillery.engine.store import LabelStore
 from distillery.labeling.coco import import_coco
 from distillery.labeling.curation.config import CurationConfig
-from distillery.labeling.curation.dataset import (
-    FIELD,
-    CurationError,
-    apply_rules,
-    commit,
-    mask_region,
-    open_dataset,
-    relative_box,
-    sample_to_record,
-    sync,
-)
+from distillery.labeling.curation.database import FIELD, CurationError, open_dataset
+from distillery.labeling.curation.decisions import commit
+from distillery.labeling.curation.rules import apply_rules
+from distillery.labeling.curation.samples import mask_region, relative_box, sample_to_record
+from distillery.labeling.curation.sync import sync
 from distillery.labeling.curation.signals import near_duplicate_groups, phash
 
 CLASSES = ["cat", "dog"]
@@ -301,16 +295,63 @@ def test_near_duplicate_groups_on_real_photos(coco128, tmp_path):
     assert near_duplicate_groups(chain, max_bits=5) == [None] * 4
 
 
-def test_a_database_other_than_the_requested_one_is_refused(fo, monkeypatch, tmp_path):
-    from distillery.labeling.curation.dataset import check_database
+def _db_path(fo) -> str:
+    """The folder the test's private mongod keeps its files in, as the server reports it."""
+    return fo.core.odm.database.get_db_client().admin.command("getCmdLineOpts")["parsed"]["storage"]["dbPath"]
 
+
+def test_a_database_other_than_the_requested_one_is_refused(fo, monkeypatch, tmp_path):
+    from distillery.labeling.curation.database import check_database, load_fiftyone
+
+    uri = fo.config.database_uri
+    with pytest.raises(CurationError, match="another FiftyOne process"):
+        check_database(str(tmp_path / "elsewhere"), None)
+    check_database(_db_path(fo), None)  # the one it is connected to: fine
+    with pytest.raises(CurationError, match="not the requested --database-uri mongodb://127.0.0.1:1"):
+        check_database(None, "mongodb://127.0.0.1:1")  # FiftyOne was configured with another URI
+    check_database(str(tmp_path / "elsewhere"), uri)  # a URI decides; the folder is not checked
+    # load_fiftyone checks each setting it meets, not only the first one
     monkeypatch.delenv("FIFTYONE_DATABASE_URI")
+    monkeypatch.setenv("FIFTYONE_DATABASE_DIR", _db_path(fo))
+    assert load_fiftyone() is fo
     monkeypatch.setenv("FIFTYONE_DATABASE_DIR", str(tmp_path / "elsewhere"))
     with pytest.raises(CurationError, match="another FiftyOne process"):
-        check_database()
-    monkeypatch.setenv("FIFTYONE_DATABASE_DIR", fo.core.odm.database.get_db_client().admin.command(
-        "getCmdLineOpts")["parsed"]["storage"]["dbPath"])
-    check_database()  # the one it is connected to: fine
+        load_fiftyone()
+    monkeypatch.setenv("FIFTYONE_DATABASE_URI", "mongodb://127.0.0.1:1")
+    with pytest.raises(CurationError, match="not the requested --database-uri"):
+        load_fiftyone()
+    monkeypatch.setenv("FIFTYONE_DATABASE_URI", uri)
+    assert load_fiftyone() is fo
+
+
+def test_database_options_before_or_after_the_subcommand(fo, dataset_name, store, monkeypatch, tmp_path):
+    from distillery.engine.cli import main
+
+    st, _, _ = store
+    uri, elsewhere = fo.config.database_uri, str(tmp_path / "elsewhere")
+    sync_args = ["--store", str(st.root), "--dataset", dataset_name, "--quiet"]
+    run = CliRunner().invoke
+    monkeypatch.delenv("FIFTYONE_DATABASE_URI")  # the commands set both; monkeypatch restores them
+    monkeypatch.delenv("FIFTYONE_DATABASE_DIR", raising=False)
+    for args in (["curate", "--database-dir", elsewhere, "sync", *sync_args],
+                 ["curate", "sync", "--database-dir", elsewhere, *sync_args]):
+        r = run(main, args)
+        assert r.exit_code == 1 and "not in the requested database dir " + elsewhere in r.output, (args, r.output)
+        assert "Traceback" not in r.output
+    # after the subcommand wins over before it
+    r = run(main, ["curate", "--database-dir", elsewhere, "sync", "--database-dir", _db_path(fo), *sync_args])
+    assert r.exit_code == 0 and "4 added, 0 updated" in r.output, r.output
+    assert os.environ["FIFTYONE_DATABASE_DIR"] == _db_path(fo)
+    bad = "mongodb://127.0.0.1:1"
+    for args in (["curate", "--database-uri", bad, "commit", "--dataset", dataset_name, "--store", str(st.root)],
+                 ["curate", "commit", "--database-uri", bad, "--dataset", dataset_name, "--store", str(st.root)],
+                 ["curate", "--database-uri", uri, "app", "--database-uri", bad, "--dataset", dataset_name]):
+        r = run(main, args)
+        assert r.exit_code == 1 and f"not the requested --database-uri {bad}" in r.output, (args, r.output)
+    r = run(main, ["curate", "--database-uri", bad, "commit", "--database-uri", uri, "--dataset", dataset_name,
+                   "--store", str(st.root)])
+    assert r.exit_code == 0 and "curation version 1 written (0 decisions)" in r.output, r.output
+    assert os.environ["FIFTYONE_DATABASE_URI"] == uri
 
 
 def test_config_errors_name_the_problem(tmp_path):
