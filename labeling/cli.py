@@ -160,7 +160,8 @@ def labels_info(store, as_json, list_errors):
         t = r["teachers"]
         who = t.get("detector", {}).get("model") or t.get("import", {}).get("file") or "?"
         click.echo(
-            f"{r['name'] or '-':<{width}}  {r['labelset']}  {r['kind']:<7} {r['created']}  {r['classes']} classes  {r['images']} images "
+            f"{r['name'] or '-':<{width}}  {r['labelset']}  {r['kind']:<7} {r['created']}  {r['classes']} classes  "
+            f"{r['images']} images "
             f"({r['labeled']} labeled, {r['instances']} instances, errors: {errs})  from {who}"
         )
         for e in r.get("error_records", []):

@@ -68,7 +68,8 @@ def test_cli_names_import_label_and_export_by_name(tiny_teachers, coco128, coco1
     assert out.exit_code == 1 and "'coco128-gt' is already used by ls-" in out.output, out.output
     out = r.invoke(main, [*lab, "--name", "tiny"])
     assert out.exit_code == 0, out.output
-    rows = {row["name"]: row for row in json.loads(r.invoke(main, ["labels", "info", "--store", store, "--json"]).output)}
+    info = r.invoke(main, ["labels", "info", "--store", store, "--json"])
+    rows = {row["name"]: row for row in json.loads(info.output)}
     assert (rows["coco128-gt"]["kind"], rows["coco128-gt"]["images"], rows["tiny"]["images"]) == ("import", 3, 1)
     text = r.invoke(main, ["labels", "info", "--store", store]).output.splitlines()
     assert text[0].split()[:3] == ["name", "id", "kind"]
