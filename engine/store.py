@@ -17,6 +17,11 @@ fixed). The new row supersedes the old one: readers see the last row of each pat
 Label sets are never overwritten: a different ontology, teacher or setting has a
 different id.
 
+A label set may carry a name (``coco128-gt``; rules in :mod:`distillery.engine.names`),
+stored as ``name`` in its manifest: metadata, not part of the id. Within a store a name
+belongs to one label set. :meth:`LabelStore.open` takes a name, an id or a unique id
+prefix; with none, the store's only label set.
+
 Curation decisions are a separate, versioned layer beside the shards (never an edit of
 teacher output): each commit writes a whole new ``curation/vNNNN.parquet`` of
 :data:`CURATION_SCHEMA`, keyed by ``image_id`` and ``instance_id``
@@ -25,6 +30,7 @@ teacher output): each commit writes a whole new ``curation/vNNNN.parquet`` of
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -40,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distillery.engine.images import RETRYABLE_ERRORS, error_kind
+from distillery.engine.names import check_name, holder, matches
 from distillery.engine.record import ROW_SCHEMA, SCHEMA_VERSION, LabelRecord, rows_to_table
 
 
@@ -63,11 +70,27 @@ class StoreError(RuntimeError):
     """The store or a label set is missing, ambiguous, locked or inconsistent."""
 
 
+#: Every label set id starts with this (:func:`fingerprint`); names may not read as ids.
+ID_PREFIX = "ls-"
+
+
 def fingerprint(spec: dict) -> str:
     """Label set id: ``ls-`` + first 16 hex of sha256 over the canonical JSON of ``spec``
     (sorted keys, no whitespace), i.e. over everything that changes the labels."""
     blob = json.dumps({"schema_version": SCHEMA_VERSION, **spec}, sort_keys=True, separators=(",", ":"))
-    return "ls-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return ID_PREFIX + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created, with its folder, if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _package_version() -> str:
@@ -110,8 +133,25 @@ class LabelSet:
         return self.manifest["labelset_id"]
 
     @property
+    def name(self) -> str | None:
+        """The label set's name (None: unnamed)."""
+        return self.manifest.get("name")
+
+    @property
     def classes(self) -> list[str]:
         return list(self.manifest["ontology"]["classes"])
+
+    def describe(self) -> str:
+        """``NAME (ID, KIND, N images)``, or ``ID (KIND, N images, unnamed)``: one entry of the
+        lists in :class:`StoreError` messages (reads the ``path`` column of every shard)."""
+        n = self.read_columns(["path"]).num_rows
+        what = f"{self.manifest.get('kind') or 'unknown kind'}, {n} image{'' if n == 1 else 's'}"
+        return f"{self.name} ({self.id}, {what})" if self.name else f"{self.id} ({what}, unnamed)"
+
+    def _write_manifest(self) -> None:
+        tmp = self.root / ".manifest.json.tmp"
+        tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True))
+        os.replace(tmp, self.root / "manifest.json")
 
     def shards(self) -> list[Path]:
         return sorted(self.shard_dir.glob("*.parquet")) if self.shard_dir.is_dir() else []
@@ -180,19 +220,7 @@ class LabelSet:
     def curation_lock(self):
         """Context manager: an exclusive lock (flock) on this label set's curation layer, so
         that read-compare-write sequences (``curate commit``) do not interleave."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def lock():
-            self.curation_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.curation_dir / ".lock", "w") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(f, fcntl.LOCK_UN)
-
-        return lock()
+        return _flock(self.curation_dir / ".lock")
 
     def curation(self, version: int | None = None) -> tuple[pa.Table, dict]:
         """Decisions of one curation version (default: the latest) as a table of
@@ -376,44 +404,108 @@ class LabelStore:
         sets = [LabelSet(d) for d in self.labelsets_dir.iterdir() if (d / "manifest.json").is_file()]
         return sorted(sets, key=lambda s: (s.manifest.get("created", ""), s.id))
 
-    def create(self, spec: dict, extra: dict | None = None) -> LabelSet:
+    def _naming_lock(self):
+        """Context manager: an exclusive lock on the store's names (check free, then take)."""
+        return _flock(self.labelsets_dir / ".names.lock")
+
+    def _check_free(self, name: str, labelset_id: str) -> None:
+        other = holder(self.labelsets(), name, lambda s: s.name)
+        if other is not None and other.id != labelset_id:
+            raise StoreError(
+                f"label set name {name!r} is already used by {other.id} in {self.root}; label set {labelset_id} "
+                f"cannot take it: choose another name, or first rename {other.id} (distillery labels rename)"
+            )
+
+    def create(self, spec: dict, extra: dict | None = None, name: str | None = None) -> LabelSet:
         """The label set for ``spec`` (ontology, teachers, preprocessing, thresholds...), created
         if new; reopened (to resume) if its fingerprint already exists. ``extra`` is recorded
-        in a new manifest but does not change the id."""
-        ls_id = fingerprint(spec)
-        root = self.labelsets_dir / ls_id
-        if (root / "manifest.json").is_file():
-            return LabelSet(root)
-        root.mkdir(parents=True, exist_ok=True)
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "labelset_id": ls_id,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "distillery_version": _package_version(),
-            **spec,
-            **(extra or {}),
-        }
-        tmp = root / ".manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(tmp, root / "manifest.json")
-        return LabelSet(root)
+        in a new manifest but does not change the id; nor does ``name``.
 
-    def open(self, labelset_id: str | None = None) -> LabelSet:
-        """A label set by id (a unique prefix is enough), or the only one when ``None``.
+        Names on a rerun: the same name, or none, resumes (the name stays); a name given to an
+        existing unnamed label set is taken; a *different* name for an existing named label
+        set is refused (scripts may use the old one): rename it with :meth:`rename`.
 
         Raises:
-            StoreError: no store, no such label set, or several and none named.
+            ValueError: ``name`` breaks the rules of :func:`distillery.engine.names.check_name`.
+            StoreError: ``name`` belongs to another label set of this store (both ids named),
+                or this label set already has another name.
+        """
+        if name is not None:
+            check_name(name, ID_PREFIX)
+        ls_id = fingerprint(spec)
+        root = self.labelsets_dir / ls_id
+        with self._naming_lock():
+            if name is not None:
+                self._check_free(name, ls_id)
+            if (root / "manifest.json").is_file():
+                ls = LabelSet(root)
+                if name is not None and ls.name is None:
+                    ls.manifest["name"] = name
+                    ls._write_manifest()
+                elif name is not None and ls.name != name:
+                    raise StoreError(
+                        f"label set {ls_id} (same inputs, teachers and settings) is already named {ls.name!r}, not "
+                        f"{name!r}; rerun with --name {ls.name} (or without --name) to resume, or rename it: "
+                        f"distillery labels rename --store {self.root} {ls.name} {name}"
+                    )
+                return ls
+            root.mkdir(parents=True, exist_ok=True)
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "labelset_id": ls_id,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "distillery_version": _package_version(),
+                **spec,
+                **(extra or {}),
+                **({"name": name} if name is not None else {}),
+            }
+            tmp = root / ".manifest.json.tmp"
+            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            os.replace(tmp, root / "manifest.json")
+            return LabelSet(root)
+
+    def rename(self, name_or_id: str, new_name: str) -> LabelSet:
+        """Give the label set ``name_or_id`` (see :meth:`open`) the name ``new_name``; its id and
+        labels do not change. Commands that named it by its old name must use the new one.
+
+        Raises:
+            ValueError: ``new_name`` breaks the naming rules.
+            StoreError: no such label set, or ``new_name`` belongs to another one.
+        """
+        check_name(new_name, ID_PREFIX)
+        with self._naming_lock():
+            ls = self.open(name_or_id)
+            self._check_free(new_name, ls.id)
+            ls.manifest["name"] = new_name
+            ls._write_manifest()
+            return ls
+
+    def open(self, name_or_id: str | None = None) -> LabelSet:
+        """A label set by name, by id, or by a unique id prefix; the only one when ``None``.
+
+        This is the one place where ``--labelset`` values are resolved (every command).
+
+        Raises:
+            StoreError: no store or no label sets; several and none named (the message lists
+                them with names, kinds and image counts); no match, or an ambiguous one
+                (the candidates, with names and ids).
         """
         sets = self.labelsets()
         if not sets:
             raise StoreError(f"store {self.root} has no label sets; run `distillery label` or `labels import` first")
-        if labelset_id is None:
+        if name_or_id is None:
             if len(sets) > 1:
-                ids = ", ".join(s.id for s in sets)
-                raise StoreError(f"store {self.root} has {len(sets)} label sets ({ids}); choose one with --labelset")
+                listing = "; ".join(s.describe() for s in sets)
+                raise StoreError(f"store {self.root} has {len(sets)} label sets, choose one with --labelset NAME|ID: "
+                                 f"{listing}")
             return sets[0]
-        match = [s for s in sets if s.id == labelset_id] or [s for s in sets if s.id.startswith(labelset_id)]
-        if len(match) != 1:
-            ids = ", ".join(s.id for s in sets)
-            raise StoreError(f"label set {labelset_id!r} {'is ambiguous' if match else 'not found'} in {self.root}: {ids}")
-        return match[0]
+        match = matches(name_or_id, sets, lambda s: s.id, lambda s: s.name)
+        if len(match) == 1:
+            return match[0]
+        if match:
+            listing = "; ".join(s.describe() for s in match)
+            raise StoreError(f"label set {name_or_id!r} is ambiguous in {self.root}, it matches {len(match)}: "
+                             f"{listing}; give a name or a longer id prefix")
+        listing = "; ".join(s.describe() for s in sets)
+        raise StoreError(f"label set {name_or_id!r} not found in {self.root} (by name, id or id prefix); it has: "
+                         f"{listing}")

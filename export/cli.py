@@ -53,7 +53,8 @@ def export_onnx_cmd(model, imgsz, batch, opset, out, check_images):
 @export.command("int8")
 @click.option("--model", required=True, type=click.Path(dir_okay=False, exists=True), help="FP32 ONNX (fixed batch).")
 @click.option("--store", type=click.Path(file_okay=False, exists=True), default=None, help="Calibrate on a label set's images.")
-@click.option("--labelset", default=None, help="With --store: label set id or prefix (default: the only one).")
+@click.option("--labelset", default=None, metavar="NAME|ID",
+              help="With --store: label set name, id or unique id prefix (default: the store's only one).")
 @click.option("--images", "images_dir", type=click.Path(file_okay=False, exists=True), default=None,
               help="Or calibrate on a folder of in-domain images.")
 @click.option("--calib-images", type=click.IntRange(min=1), default=512, show_default=True)

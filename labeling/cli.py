@@ -11,6 +11,25 @@ import click
 from distillery.engine.cli_errors import UserError, fail_cleanly
 from distillery.engine.images import DEFAULT_MAX_PIXELS
 
+def _valid_name(ctx, param, value):
+    """click callback: ``--name`` checked by :func:`distillery.engine.names.check_name` at parse time."""
+    from distillery.engine.names import check_name
+    from distillery.engine.store import ID_PREFIX
+
+    if value is None:
+        return None
+    try:
+        return check_name(value, ID_PREFIX)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+
+
+def name_option(what: str = "label set"):
+    """The ``--name NAME`` option of commands that create a named label set."""
+    return click.option("--name", default=None, callback=_valid_name, metavar="NAME",
+                        help=f"Name of the {what}, e.g. coco128-gt: letters, digits, '-_.'; unique in the store. "
+                             "Other commands take it as --labelset NAME.")
+
 
 @click.command("label")
 @click.argument("sources", nargs=-1, required=True)
@@ -27,9 +46,10 @@ from distillery.engine.images import DEFAULT_MAX_PIXELS
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per Parquet shard.")
 @click.option("--block-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per decode task (Ray block).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@name_option()
 @fail_cleanly
 def label(sources, classes, ontology_path, store, preset_path, runner, ray_address, max_pixels, shard_size,
-          block_size, quiet):
+          block_size, quiet, name):
     """Label images with the teachers into a label set of STORE.
 
     SOURCES are folders (searched recursively), text files listing image paths, or COCO
@@ -39,7 +59,7 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
     Example:
       distillery teachers tiny teachers/
       distillery label ../shared/data/coco128/images --classes "person,car,dog" \\
-          --store store/ --teachers teachers/teachers.yaml
+          --store store/ --teachers teachers/teachers.yaml --name coco128-tiny
     """
     from distillery.engine.images import list_sources
     from distillery.engine.job import run_label_job
@@ -70,7 +90,7 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
     paths = list_sources(sources)
     if not paths:
         raise UserError(f"no images found in {', '.join(sources)} (suffixes .jpg .jpeg .png .bmp .webp .tif .gif)")
-    ls = LabelStore(store).create(labelset_spec(onto, preset), extra={"teachers_preset": preset.to_dict()})
+    ls = LabelStore(store).create(labelset_spec(onto, preset), extra={"teachers_preset": preset.to_dict()}, name=name)
     click.echo(f"label set {ls.id}: {len(paths)} images, {len(onto.classes)} classes in {chunks} prompt "
                f"chunk(s), store {store}")
     s = run_label_job(paths, ls, teacher_stages(preset, onto), runner=runner, ray_address=ray_address,
@@ -88,7 +108,8 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
 def _echo_store_totals(ls, show: int = 10) -> None:
     c = ls.counts()
     errors = ", ".join(f"{k} {v}" for k, v in sorted(c.errors.items())) or "none"
-    click.echo(f"label set {ls.id} now holds {c.images} images: {c.labeled} labeled, {c.instances} instances, "
+    named = f" ({ls.name})" if ls.name else ""
+    click.echo(f"label set {ls.id}{named} now holds {c.images} images: {c.labeled} labeled, {c.instances} instances, "
                f"errors: {errors}")
     errs = c.error_records
     for path, reason in errs[:show]:
@@ -121,7 +142,7 @@ def labels_info(store, as_json, list_errors):
         c = ls.counts()
         det = ls.manifest.get("teachers", {})
         rows.append({
-            "labelset": ls.id, "kind": ls.manifest.get("kind"), "created": ls.manifest.get("created"),
+            "labelset": ls.id, "name": ls.name, "kind": ls.manifest.get("kind"), "created": ls.manifest.get("created"),
             "classes": len(ls.classes), "images": c.images, "labeled": c.labeled, "instances": c.instances,
             "errors": dict(c.errors), "teachers": det,
             **({"error_records": [{"path": p, "error": e} for p, e in c.error_records]} if list_errors else {}),
@@ -131,12 +152,16 @@ def labels_info(store, as_json, list_errors):
         return
     if not rows:
         click.echo(f"no label sets in {store}")
+    width = max([len(r["name"] or "-") for r in rows] + [4])
+    if rows:
+        click.echo(f"{'name':<{width}}  {'id':<19}  {'kind':<7} created")
     for r in rows:
         errs = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "none"
         t = r["teachers"]
         who = t.get("detector", {}).get("model") or t.get("import", {}).get("file") or "?"
         click.echo(
-            f"{r['labelset']}  {r['kind']:<7} {r['created']}  {r['classes']} classes  {r['images']} images "
+            f"{r['name'] or '-':<{width}}  {r['labelset']}  {r['kind']:<7} {r['created']}  {r['classes']} classes  "
+            f"{r['images']} images "
             f"({r['labeled']} labeled, {r['instances']} instances, errors: {errs})  from {who}"
         )
         for e in r.get("error_records", []):
@@ -145,7 +170,8 @@ def labels_info(store, as_json, list_errors):
 
 @labels.command("export")
 @click.option("--store", required=True, type=click.Path(file_okay=False))
-@click.option("--labelset", default=None, help="Label set id or unique prefix (default: the only one).")
+@click.option("--labelset", default=None, metavar="NAME|ID",
+              help="Label set name, id or unique id prefix (default: the store's only one).")
 @click.option("--format", "fmt", type=click.Choice(["coco", "yolo-seg"]), required=True)
 @click.option("--out", required=True, type=click.Path(), help="coco: a .json file; yolo-seg: a directory.")
 @click.option("--min-score", type=float, default=0.0, show_default=True, help="Drop instances below this box score.")
@@ -159,7 +185,7 @@ def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite)
     \b
     Example:
       distillery labels export --store store/ --format coco --out labels.json
-      distillery labels export --store store/ --format yolo-seg --out yolo/
+      distillery labels export --store store/ --labelset coco128-gt --format yolo-seg --out yolo/
     """
     from distillery.engine.store import LabelStore
 
@@ -184,19 +210,20 @@ def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite)
 @click.option("--coco", "coco_path", required=True, type=click.Path(dir_okay=False, exists=True))
 @click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--store", required=True, type=click.Path(file_okay=False))
+@name_option()
 @fail_cleanly
-def labels_import(coco_path, images_dir, store):
+def labels_import(coco_path, images_dir, store, name):
     """Import an existing COCO instances file (human labels) as a label set.
 
     \b
     Example:
-      distillery labels import --coco annotations.json --images images/ --store store/
+      distillery labels import --coco annotations.json --images images/ --store store/ --name coco128-gt
     """
     from distillery.engine.store import LabelStore
     from distillery.labeling.coco import CocoError, import_coco
 
     try:
-        ls, st = import_coco(LabelStore(store), coco_path, images_dir)
+        ls, st = import_coco(LabelStore(store), coco_path, images_dir, name=name)
     except CocoError as e:
         raise UserError(str(e)) from e
     click.echo(
@@ -205,6 +232,25 @@ def labels_import(coco_path, images_dir, store):
         "dropped with their failed images"
     )
     _echo_store_totals(ls)
+
+
+@labels.command("rename")
+@click.option("--store", required=True, type=click.Path(file_okay=False, exists=True))
+@click.argument("labelset", metavar="NAME|ID")
+@click.argument("new_name", metavar="NEW_NAME", callback=_valid_name)
+@fail_cleanly
+def labels_rename(store, labelset, new_name):
+    """Give a label set a new name (its id and labels stay). Commands and scripts that used
+    the old name must use the new one.
+
+    \b
+    Example:
+      distillery labels rename --store store/ ls-3f0a coco128-gt
+    """
+    from distillery.engine.store import LabelStore
+
+    ls = LabelStore(store).rename(labelset, new_name)
+    click.echo(f"label set {ls.id} is now named {ls.name}")
 
 
 @click.group("teachers")

@@ -244,11 +244,17 @@ def load_coco(path: str | os.PathLike) -> dict:
         raise CocoError(f"{path}: invalid JSON ({e})") from e
 
 
-def import_coco(store: LabelStore, coco_path: str, images_dir: str, shard_size: int = 256) -> tuple[LabelSet, dict]:
+def import_coco(store: LabelStore, coco_path: str, images_dir: str, shard_size: int = 256,
+                name: str | None = None) -> tuple[LabelSet, dict]:
     """Import a COCO instances file as a label set (kind ``import``), keyed by the file's hash.
 
     Re-importing the same file into the same store reopens the same label set and adds
-    nothing. Returns the label set and import stats (images, instances, crowd, errors).
+    nothing. ``name`` (e.g. ``coco128-gt``) names the label set; see
+    :meth:`distillery.engine.store.LabelStore.create` for names on a rerun. Returns the label
+    set and import stats (images, instances, crowd, errors).
+
+    Raises:
+        CocoError: unreadable file or bad content. ValueError / StoreError: a bad or taken name.
     """
     from distillery.labeling.teachers import file_sha256
 
@@ -261,7 +267,8 @@ def import_coco(store: LabelStore, coco_path: str, images_dir: str, shard_size: 
         "preprocessing": {"decode": "pillow-exif_transpose-rgb", "images_dir": str(Path(images_dir).absolute())},
         "thresholds": {},
     }
-    ls = store.create(spec, extra={"coco_categories": [{"id": c["id"], "name": c["name"]} for c in coco["categories"]]})
+    ls = store.create(spec, extra={"coco_categories": [{"id": c["id"], "name": c["name"]} for c in coco["categories"]]},
+                      name=name)
     added = 0
     with ls.writer(shard_size) as w:
         for r in records:

@@ -28,7 +28,8 @@ def _class_thresholds(values) -> dict:
 
 @click.command("train")
 @click.option("--store", required=True, type=click.Path(file_okay=False, exists=True), help="Label store directory.")
-@click.option("--labelset", default=None, help="Label set id or unique prefix (default: the only one).")
+@click.option("--labelset", default=None, metavar="NAME|ID",
+              help="Label set name, id or unique id prefix (default: the store's only one).")
 @click.option("--curation", "curation", type=click.IntRange(min=0), default=None,
               help="Curation version to apply (default: the latest; 0: none).")
 @click.option("--model", default="yolov8n-seg.yaml", show_default=True,
@@ -47,7 +48,8 @@ def _class_thresholds(values) -> dict:
 @click.option("--classes", default=None, help="Comma-separated subset of the ontology to train on.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="Images held out for validation (by image id).")
-@click.option("--val-labelset", default=None, help="Validate on this label set instead (e.g. GT from `labels import`).")
+@click.option("--val-labelset", default=None, metavar="NAME|ID",
+              help="Validate on this label set (name, id or id prefix) instead, e.g. GT from `labels import --name`.")
 @click.option("--resume", is_flag=True, help="Continue OUT/weights/last.pt.")
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any other ultralytics train argument, e.g. --set mosaic=0 --set seed=1 --set device=0.")
@@ -88,7 +90,8 @@ def train_cmd(store, labelset, curation, model, epochs, imgsz, batch, out, min_s
               help="With --model: folder of the GT images.")
 @click.option("--store", type=click.Path(file_okay=False, exists=True), default=None,
               help="Evaluate a label set itself (its pseudo-labels) instead of a model.")
-@click.option("--labelset", default=None, help="With --store: label set id or prefix (default: the only one).")
+@click.option("--labelset", default=None, metavar="NAME|ID",
+              help="With --store: label set name, id or unique id prefix (default: the store's only one).")
 @click.option("--gt", "gt_path", required=True, type=click.Path(dir_okay=False, exists=True), help="COCO instances JSON.")
 @click.option("--out", required=True, type=click.Path(), help="Report directory.")
 @click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True, help="With --model.")
@@ -100,7 +103,7 @@ def eval_cmd(model_path, images_dir, store, labelset, gt_path, out, imgsz, conf,
 
     \b
     distillery eval --model runs/NAME/weights/best.pt --gt annotations.json --images DIR --out report/
-    distillery eval --store store/ --labelset ID --gt annotations.json --out report/
+    distillery eval --store store/ --labelset NAME|ID --gt annotations.json --out report/
     """
     from distillery.engine.images import list_source
     from distillery.engine.evaluation import evaluate, load_gt, predict_ultralytics, records_to_predictions, write_report

@@ -131,7 +131,7 @@ def train(store: str | Path, out: str | Path, model: str = "yolov8n-seg.yaml", l
     """Train a student; returns the run directory.
 
     Args:
-        store: label store; labelset: id or prefix (default: the only one).
+        store: label store; labelset: name, id or unique id prefix (default: the only one).
         out: run directory (``project/name`` for ultralytics); must not hold a run unless ``resume``.
         model: an ultralytics model YAML (from scratch, e.g. ``yolov8n-seg.yaml``) or a ``.pt``.
         selection: what to learn (:class:`distillery.student.data.Selection`).

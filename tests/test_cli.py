@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 from pycocotools.coco import COCO
@@ -41,3 +42,50 @@ def test_cli_user_errors_are_clear(tmp_path, tiny_teachers):
     out = r.invoke(main, ["labels", "export", "--store", str(tmp_path / "empty"), "--format", "coco", "--out", "x.json"])
     assert out.exit_code == 1 and "no label sets" in out.output
     assert "Example" in r.invoke(main, ["label", "--help"]).output
+
+
+def test_cli_names_import_label_and_export_by_name(tiny_teachers, coco128, coco128_gt, tmp_path):
+    r = CliRunner()
+    imgs = coco128_gt["images"][:3]
+    keep = {im["id"] for im in imgs}
+    sub = {**coco128_gt, "images": imgs, "annotations": [a for a in coco128_gt["annotations"] if a["image_id"] in keep]}
+    gt_path = tmp_path / "gt3.json"
+    gt_path.write_text(json.dumps(sub))
+    store = str(tmp_path / "store")
+    imp = ["labels", "import", "--coco", str(gt_path), "--images", str(coco128 / "images"), "--store", store]
+    out = r.invoke(main, [*imp, "--name", "coco128-gt"])
+    assert out.exit_code == 0 and "(coco128-gt) now holds 3 images" in out.output, out.output
+    assert r.invoke(main, [*imp, "--name", "coco128-gt"]).exit_code == 0  # rerun: resume
+    out = r.invoke(main, [*imp, "--name", "other"])
+    assert out.exit_code == 1 and "already named 'coco128-gt', not 'other'" in out.output
+    out = r.invoke(main, [*imp, "--name", "ls-00ff"])
+    assert out.exit_code == 2 and "reads as an id prefix" in out.output
+    lst = tmp_path / "few.txt"
+    lst.write_text("\n".join(str(coco128 / "images" / im["file_name"]) for im in imgs[:1]) + "\n")
+    lab = ["label", str(lst), "--classes", "person", "--store", store, "--teachers", str(tiny_teachers),
+           "--runner", "local", "--quiet"]
+    out = r.invoke(main, [*lab, "--name", "coco128-gt"])
+    assert out.exit_code == 1 and "'coco128-gt' is already used by ls-" in out.output, out.output
+    out = r.invoke(main, [*lab, "--name", "tiny"])
+    assert out.exit_code == 0, out.output
+    info = r.invoke(main, ["labels", "info", "--store", store, "--json"])
+    rows = {row["name"]: row for row in json.loads(info.output)}
+    assert (rows["coco128-gt"]["kind"], rows["coco128-gt"]["images"], rows["tiny"]["images"]) == ("import", 3, 1)
+    text = r.invoke(main, ["labels", "info", "--store", store]).output.splitlines()
+    assert text[0].split()[:3] == ["name", "id", "kind"]
+    assert text[1].split()[:3] == ["coco128-gt", rows["coco128-gt"]["labelset"], "import"]
+    export = ["labels", "export", "--store", store, "--format", "coco", "--out", str(tmp_path / "l.json")]
+    out = r.invoke(main, export)  # two label sets, none chosen
+    assert out.exit_code == 1 and "--labelset NAME|ID" in out.output
+    assert f"coco128-gt ({rows['coco128-gt']['labelset']}, import, 3 images)" in out.output
+    out = r.invoke(main, [*export, "--labelset", "coco128-gt"])
+    assert out.exit_code == 0, out.output
+
+    def keyed(coco):  # (file, class name, rounded xywh) of every annotation
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        files = {im["id"]: Path(im["file_name"]).name for im in coco["images"]}
+        return sorted((files[a["image_id"]], names[a["category_id"]], *(round(v, 2) for v in a["bbox"]))
+                      for a in coco["annotations"])
+
+    exported = json.loads((tmp_path / "l.json").read_text())
+    assert len(sub["annotations"]) > 0 and keyed(exported) == keyed(sub)

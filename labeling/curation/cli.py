@@ -62,8 +62,8 @@ def curate() -> None:
 @curate.command("sync")
 @database_options
 @click.option("--store", required=True, type=click.Path(file_okay=False, exists=True), help="Label store directory.")
-@click.option("--labelset", default=None,
-              help="Label set id or unique prefix (default: the dataset's, else the store's only one).")
+@click.option("--labelset", default=None, metavar="NAME|ID",
+              help="Label set name, id or unique id prefix (default: the dataset's, else the store's only one).")
 @click.option("--dataset", "name", required=True, help="FiftyOne dataset name (created if new, persistent).")
 @click.option("--rules", "rules_path", default=None,
               help="Curation rules: a YAML file or a shipped name (default). Thresholds for score bands and review signals (default thresholds otherwise).")
@@ -188,7 +188,8 @@ def curate_commit(name, store):
 @curate.command("report")
 @database_options
 @click.option("--store", required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--labelset", default=None, help="Label set id or unique prefix (default: the only one).")
+@click.option("--labelset", default=None, metavar="NAME|ID",
+              help="Label set name, id or unique id prefix (default: the store's only one).")
 @click.option("--out", required=True, type=click.Path(), help="Directory for the PNGs and report.json.")
 @click.option("--rules", "rules_path", default=None,
               help="Curation rules (a YAML file or a shipped name) whose score bands are drawn (default thresholds otherwise).")

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
+from distillery.engine.names import check_name
 from distillery.engine.record import LabelRecord, RecordError
 from distillery.engine.store import LabelStore, StoreError, fingerprint
 
@@ -92,3 +95,57 @@ def test_retryable_errors_are_retried_and_superseded(tmp_path):
     c = ls.counts()
     assert (c.images, c.labeled, dict(c.errors)) == (2, 1, {"duplicate": 1})
     assert c.error_records == [("y.jpg", "duplicate: same bytes as z.jpg")]
+
+
+def _spec(cls, kind="teacher"):
+    return {"kind": kind, "ontology": {"classes": [cls], "prompts": [[cls, cls]]}}
+
+
+def test_labelset_names_resolve_by_name_id_prefix_and_list_candidates(tmp_path):
+    store = LabelStore(tmp_path)
+    gt = store.create(_spec("a", "import"), name="coco128-gt")
+    assert gt.id == fingerprint(_spec("a", "import"))  # the name is not part of the id
+    assert LabelStore(tmp_path).open().name == "coco128-gt"  # stored on disk; the only set is the default
+    with gt.writer(shard_size=1) as w:
+        w.add(rec("a.jpg", "1", C=1).to_row())
+    pseudo = store.create(_spec("b"))
+    assert pseudo.name is None
+    assert store.open("coco128-gt").id == gt.id and store.open(pseudo.id).id == pseudo.id
+    common = len(os.path.commonprefix([gt.id, pseudo.id]))
+    assert store.open(pseudo.id[:common + 1]).id == pseudo.id
+    listed = [f"coco128-gt ({gt.id}, import, 1 image)", f"{pseudo.id} (teacher, 0 images, unnamed)"]
+    with pytest.raises(StoreError, match=r"choose one with --labelset NAME\|ID") as e:
+        store.open()
+    assert all(d in str(e.value) for d in listed)
+    with pytest.raises(StoreError, match="is ambiguous") as e:
+        store.open("ls-")
+    assert all(d in str(e.value) for d in listed)
+    with pytest.raises(StoreError, match="'coco128' not found") as e:
+        store.open("coco128")  # names match whole, never by prefix
+    assert all(d in str(e.value) for d in listed)
+
+
+def test_labelset_name_rules_on_create_rerun_and_rename(tmp_path):
+    store = LabelStore(tmp_path)
+    a = store.create(_spec("a"), name="run1")
+    assert store.create(_spec("a"), name="run1").id == a.id  # same command again: resume
+    assert store.create(_spec("a")).name == "run1"  # no --name on a rerun keeps the name
+    with pytest.raises(StoreError, match="already named 'run1', not 'run2'.*labels rename"):
+        store.create(_spec("a"), name="run2")
+    assert store.open(a.id).name == "run1"
+    with pytest.raises(StoreError, match=f"'run1' is already used by {a.id}.*label set {fingerprint(_spec('b'))}"):
+        store.create(_spec("b"), name="run1")
+    assert not (store.labelsets_dir / fingerprint(_spec("b"))).exists()  # refused before anything is written
+    b = store.create(_spec("b"))
+    assert store.create(_spec("b"), name="run2").id == b.id and store.open("run2").id == b.id  # unnamed: takes it
+    with pytest.raises(StoreError, match=f"'run2' is already used by {b.id}"):
+        store.rename("run1", "run2")
+    assert store.rename("run1", "gt").id == a.id and store.open("gt").id == a.id
+    with pytest.raises(StoreError, match="'run1' not found"):
+        store.open("run1")
+    for bad in ["", "l", "ls", "ls-", "ls-3f0a", "-x", "a b", "a/b", "x" * 65, "coco128é"]:
+        with pytest.raises(ValueError, match="name"):
+            store.create(_spec("c"), name=bad)
+    assert not (store.labelsets_dir / fingerprint(_spec("c"))).exists()
+    for good in ["ls-gt", "2024", "a.b_c-1", "x" * 64]:
+        assert check_name(good, "ls-") == good
