@@ -22,7 +22,8 @@ done
 echo "== wheel check: install into a fresh venv"
 python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install -q "$WHEEL" 2>&1 | grep -v "^WARNING: Location" || true
-"$WORK/venv/bin/python" -c "import distillery.engine" # the install must have worked
+# from outside the repository: its distillery/ folder would shadow the installed package
+(cd "$WORK" && "$WORK/venv/bin/python" -c "import distillery.engine")
 SITE="$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 for name in engine labeling student export configs; do
   if [ -e "$SITE/$name" ] || [ -e "$SITE/$name.py" ]; then echo "FAIL: site-packages holds a top-level $name"; exit 1; fi
