@@ -1,6 +1,11 @@
-"""YAML loading for configs: ``yaml.safe_load`` semantics, but a key given twice in one
-mapping is an error (PyYAML silently keeps the last one, which would, e.g., drop a
-prompt from an ontology without a word)."""
+"""Config files: YAML loading (a key given twice is an error) and the configs shipped as
+package data (``distillery.configs``).
+
+YAML is read with ``yaml.safe_load`` semantics, but a key given twice in one mapping is an
+error (PyYAML silently keeps the last one, which would, e.g., drop a prompt from an ontology
+without a word). The parsed data is then validated by a pydantic model; see
+:mod:`distillery.engine.schema`.
+"""
 
 from __future__ import annotations
 

@@ -19,55 +19,54 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import ConfigDict, Field
 
 from distillery.engine.config import ConfigError, load_yaml
+from distillery.engine.schema import StrictConfig, validate_config
 
 
 class EngineMismatch(RuntimeError):
     """The engine was built for another TensorRT version or GPU; rebuild it on this device."""
 
 
-@dataclass(frozen=True)
-class DeviceProfile:
-    """A target device (``configs/devices/*.yaml``).
+class DeviceProfile(StrictConfig):
+    """A target device (``configs/devices/*.yaml``), validated by pydantic.
 
     Attributes:
-        name: profile name; imgsz: square input size (px, multiple of 32); batch: fixed batch;
-        workspace_mib: builder memory pool limit (MiB); dla_core: DLA core to build for (Jetson
+        name: profile name (the file stem when the file has none); imgsz: square input size
+        (px, a multiple of 32, the YOLOv8 stride); batch: fixed batch; workspace_mib: builder
+        memory pool limit (MiB, at least 64); dla_core: DLA core to build for (Jetson
         Orin/Xavier) or None for the GPU; gpu_fallback: let layers DLA cannot run fall back to
-        the GPU; optimization_level: TensorRT builder optimisation level 0-5.
+        the GPU; optimization_level: TensorRT builder optimisation level 0-5
+        (``IBuilderConfig.builder_optimization_level``).
     """
 
-    name: str
-    imgsz: int = 640
-    batch: int = 1
-    workspace_mib: int = 2048
-    dla_core: int | None = None
+    model_config = ConfigDict(frozen=True)
+
+    name: Annotated[str, Field(min_length=1)]
+    imgsz: Annotated[int, Field(gt=0, multiple_of=32)] = 640
+    batch: Annotated[int, Field(ge=1)] = 1
+    workspace_mib: Annotated[int, Field(ge=64)] = 2048
+    dla_core: Annotated[int, Field(ge=0)] | None = None
     gpu_fallback: bool = True
-    optimization_level: int = 3
+    optimization_level: Annotated[int, Field(ge=0, le=5)] = 3
 
     @classmethod
     def load(cls, path: str | Path) -> "DeviceProfile":
-        """Parse and validate a profile YAML; raises :class:`ConfigError` naming file and key."""
+        """Parse and validate a profile YAML.
+
+        Raises:
+            ConfigError: missing file, invalid YAML, a key given twice, an unknown key, a wrong
+                type or a value out of range; one line per bad key naming the file, the key and
+                the allowed values.
+        """
         d = load_yaml(path, "device profile")
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a mapping")
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"{path}: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        d.setdefault("name", Path(path).stem)
-        checks = {"imgsz": lambda v: isinstance(v, int) and v > 0 and v % 32 == 0,
-                  "batch": lambda v: isinstance(v, int) and v >= 1,
-                  "workspace_mib": lambda v: isinstance(v, int) and v >= 64,
-                  "dla_core": lambda v: v is None or (isinstance(v, int) and v >= 0),
-                  "gpu_fallback": lambda v: isinstance(v, bool),
-                  "optimization_level": lambda v: isinstance(v, int) and 0 <= v <= 5}
-        for k, ok in checks.items():
-            if k in d and not ok(d[k]):
-                raise ConfigError(f"{path}: {k}={d[k]!r} is invalid")
-        return cls(**d)
+        if isinstance(d, dict):
+            d = {"name": Path(path).stem, **d}
+        return validate_config(cls, d, str(path), ConfigError)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -159,7 +158,7 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out: str | Path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(bytes(blob))
     manifest = {**rt, "input_name": inp.name, "input_shape": dims, "onnx": str(onnx_path),
-                "onnx_sha256": file_sha256(onnx_path), "profile": asdict(profile),
+                "onnx_sha256": file_sha256(onnx_path), "profile": profile.model_dump(),
                 "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     manifest_path(out).write_text(json.dumps(manifest, indent=2))
     return manifest

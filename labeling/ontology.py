@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, RootModel, ValidationError
 
 #: Token ids the Grounding DINO text encoder treats as phrase delimiters
 #: ([CLS], [SEP], ".", "?" in the BERT-uncased vocabulary; transformers
@@ -29,6 +31,73 @@ DELIMITER_TOKEN_IDS = (101, 102, 1012, 1029)
 
 class OntologyError(ValueError):
     """The ontology is empty, malformed, or cannot be tokenized into valid prompts."""
+
+
+def _non_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("must be a non-empty string")
+    return v
+
+
+#: A prompt or class name: a string with a non-space character (stripped later, by
+#: :meth:`Ontology.from_mapping`, so that prompts equal after stripping are caught as repeats).
+Text = Annotated[str, AfterValidator(_non_blank)]
+
+
+def _pair(v):
+    """A list entry: ``"name"`` (its own prompt) or ``[prompt, class]``, as a (prompt, class) tuple."""
+    if isinstance(v, str):
+        return (v, v)
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return tuple(v)
+    raise ValueError("must be 'name' or [prompt, class]")
+
+
+class PromptMap(RootModel[Annotated[dict[Text, Text], Field(min_length=1)]]):
+    """An ontology file's usual shape: ``{prompt: class}``, at least one entry, non-empty strings."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class PromptList(RootModel[Annotated[list[Annotated[tuple[Text, Text], BeforeValidator(_pair)]], Field(min_length=1)]]):
+    """The list shape: entries ``"name"`` or ``[prompt, class]``, at least one."""
+
+    model_config = ConfigDict(strict=True)
+
+
+def _mapping_errors(e: ValidationError, mapping: dict | list, source: str) -> str:
+    """One line per offending prompt (dict) or entry (list), each naming ``source``."""
+    lines, seen = [], set()
+    for err in e.errors(include_url=False):
+        loc, value = tuple(err["loc"]), err.get("input")
+        if loc[:1] in seen:
+            continue
+        seen.add(loc[:1])
+        if not loc:
+            lines.append("the ontology is empty; give at least one class")
+            continue
+        if err["type"] == "string_type":
+            problem = "is empty" if value is None else (
+                "is not text (YAML reads unquoted numbers, yes/no, on/off as other types): put it in quotes")
+        elif err["type"] == "value_error":
+            problem = str(err["ctx"]["error"])
+        else:
+            problem = f"must be 'name' or [prompt, class] ({err['msg']})"
+        if isinstance(mapping, list):
+            lines.append(f"entry {loc[0] + 1} ({_short(mapping[loc[0]])}) {problem}")
+            continue
+        # pydantic's loc turns a key True into 1 and None into 'None': show the key as written
+        prompt = next((k for k in mapping if k == loc[0] or str(k) == str(loc[0])), loc[0])
+        if "[key]" in loc:
+            lines.append(f"prompt {_short(prompt)} {problem}")
+        else:
+            lines.append(f"prompt {_short(prompt)}: its class {problem}")
+    return "\n".join(f"{source}: {line}" for line in lines)
+
+
+def _short(value, limit: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -48,30 +117,27 @@ class Ontology:
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, str] | list, source: str = "ontology") -> "Ontology":
-        """Build from ``{prompt: class}`` (or a list of ``[prompt, class]`` pairs / plain names).
+        """Build from ``{prompt: class}`` (or a list of ``[prompt, class]`` pairs / plain names),
+        validated by :class:`PromptMap` / :class:`PromptList`; prompts and classes are stripped.
 
         Raises:
-            OntologyError: empty ontology, empty or non-string names, a prompt given twice.
+            OntologyError: not a mapping or list, an empty ontology, an empty or non-string
+                prompt or class (one line per offending prompt, naming ``source``), a prompt
+                given twice.
         """
-        pairs: list[tuple[str, str]] = []
         if isinstance(mapping, dict):
-            pairs = [(k, v) for k, v in mapping.items()]
+            model = PromptMap
         elif isinstance(mapping, list):
-            for item in mapping:
-                if isinstance(item, str):
-                    pairs.append((item, item))
-                elif isinstance(item, (list, tuple)) and len(item) == 2:
-                    pairs.append((item[0], item[1]))
-                else:
-                    raise OntologyError(f"{source}: entries must be 'name' or [prompt, class], got {item!r}")
+            model = PromptList
         else:
             raise OntologyError(f"{source}: expected a mapping 'prompt: class', got {type(mapping).__name__}")
-        if not pairs:
-            raise OntologyError(f"{source}: the ontology is empty; give at least one class")
+        try:
+            validated = model.model_validate(mapping).root
+        except ValidationError as e:
+            raise OntologyError(_mapping_errors(e, mapping, source)) from e
+        pairs = validated.items() if isinstance(validated, dict) else validated
         prompts, prompt_class, classes, index = [], [], [], {}
         for prompt, name in pairs:
-            if not isinstance(prompt, str) or not isinstance(name, str) or not prompt.strip() or not name.strip():
-                raise OntologyError(f"{source}: prompt and class must be non-empty strings, got {prompt!r}: {name!r}")
             prompt, name = prompt.strip(), name.strip()
             if prompt in prompts:
                 raise OntologyError(f"{source}: prompt {prompt!r} is given twice")
@@ -94,7 +160,8 @@ class Ontology:
         """Read a YAML file: a mapping ``prompt: class``, or ``{ontology: mapping}``, or a list.
 
         Raises:
-            OntologyError: the file is missing or not valid YAML of those shapes.
+            OntologyError: the file is missing, empty or not valid YAML, a key is given twice,
+                or any error of :meth:`from_mapping`; each line names the file.
         """
         from distillery.engine.config import ConfigError, load_yaml
 

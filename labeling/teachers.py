@@ -26,66 +26,134 @@ preset file's folder.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
-
 import pyarrow as pa
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+from typing_extensions import TypedDict
 
+from distillery.engine.schema import StrictConfig, validate_config
 from distillery.engine.job import DECODED_SCHEMA, StageSpec, as_table, image_of
 from distillery.engine.record import LabelRecord, rows_to_table
+from distillery.labeling.detector import GroundingDinoTeacher
+from distillery.labeling.ontology import Ontology
+from distillery.labeling.segmenter import SAM_MODEL_TYPES, SamTeacher
 
 #: Decoded columns plus the detector's boxes (float32 N*4, xyxy px) and scores (float32 N*C).
 DETECTED_SCHEMA = DECODED_SCHEMA.append(pa.field("boxes", pa.list_(pa.float32()))).append(
     pa.field("scores", pa.list_(pa.float32()))
 )
-from distillery.labeling.detector import GroundingDinoTeacher
-from distillery.labeling.ontology import Ontology
-from distillery.labeling.segmenter import SamTeacher
 
 
 class PresetError(ValueError):
     """A teachers preset is missing, malformed, or names unknown settings."""
 
 
-@dataclass
-class DetectorConfig:
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ImageSize(TypedDict):
+    """The detector processor's resize, pixels: the shorter side to ``shortest_edge``, capped
+    so the longer side is at most ``longest_edge`` (transformers ``GroundingDinoImageProcessor``)."""
+
+    shortest_edge: PositiveInt
+    longest_edge: PositiveInt
+
+
+def _base(info: ValidationInfo) -> Path | None:
+    """The folder relative paths resolve against (``context={"base": ...}``), or None."""
+    return (info.context or {}).get("base")
+
+
+class DetectorConfig(StrictConfig):
+    """Grounding DINO settings (see the module docstring); ``image_size`` stays a plain dict."""
+
     model: str = "IDEA-Research/grounding-dino-tiny"
     revision: str | None = None
-    box_floor: float = 0.05
-    nms_iou: float = 0.7
-    image_size: dict | None = None
-    max_detections: int = 300
-    batch_size: int = 4
-    actors: int = 1
+    box_floor: Fraction = 0.05
+    nms_iou: Fraction = 0.7
+    image_size: ImageSize | None = None
+    max_detections: PositiveInt = 300
+    batch_size: PositiveInt = 4
+    actors: PositiveInt = 1
+
+    @field_validator("model")
+    @classmethod
+    def _local_dir(cls, v: str, info: ValidationInfo) -> str:
+        """A directory relative to the preset's folder becomes absolute; anything else is a hub id."""
+        base = _base(info)
+        if base is not None and (local := Path(base) / os.path.expanduser(v)).is_dir():
+            return str(local.resolve())
+        return v
 
 
-@dataclass
-class SegmenterConfig:
-    model_type: str = "vit_b"
+class SegmenterConfig(StrictConfig):
+    """segment-anything settings (see the module docstring)."""
+
+    model_type: Literal[SAM_MODEL_TYPES] = "vit_b"
     checkpoint: str | None = None
-    boxes_per_call: int = 32
-    batch_size: int = 4
-    actors: int = 1
+    boxes_per_call: PositiveInt = 32
+    batch_size: PositiveInt = 4
+    actors: PositiveInt = 1
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        base = _base(info)
+        if base is not None:
+            v = str((Path(base) / os.path.expanduser(v)).resolve())
+        if not os.path.isfile(v):
+            model_type = info.data.get("model_type", "SAM")
+            raise ValueError(
+                f"{v!r} not found: download the {model_type} checkpoint from the segment-anything release "
+                "(e.g. sam_vit_b_01ec64.pth), or write tiny test teachers with `distillery teachers tiny DIR`"
+            )
+        return v
 
 
-@dataclass
-class TeacherPreset:
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+class TeacherPreset(StrictConfig):
+    """A teachers preset (see the module docstring); validated by pydantic on construction."""
+
+    detector: DetectorConfig = Field(default_factory=DetectorConfig)
+    segmenter: SegmenterConfig = Field(default_factory=SegmenterConfig)
     device: str = "auto"
-    precision: str = "fp32"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, v: str) -> str:
+        if v == "auto":
+            return v
+        import torch
+
+        try:
+            kind = torch.device(v).type
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}") from e
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _half_needs_gpu(self) -> "TeacherPreset":
+        if self.device != "auto" and self.device.startswith("cpu") and self.precision != "fp32":
+            raise ValueError(f"precision {self.precision} needs a GPU; use fp32 with device: cpu")
+        return self
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TeacherPreset":
-        """Read a preset YAML (see module docstring).
+        """Read a preset YAML (see module docstring); relative paths resolve against its folder.
 
         Raises:
-            PresetError: missing file, invalid YAML, unknown keys, wrong types.
+            PresetError: missing file, invalid YAML, a key given twice, and every error of
+                :meth:`from_dict`, each line naming the file.
         """
         from distillery.engine.config import ConfigError, load_yaml
 
@@ -94,87 +162,28 @@ class TeacherPreset:
             data = load_yaml(p, "teachers preset (see configs/teachers/)")
         except ConfigError as e:
             raise PresetError(str(e)) from e
-        return cls.from_dict(data or {}, base=p.parent, source=str(p))
+        return cls.from_dict({} if data is None else data, base=p.parent, source=str(p))
 
     @classmethod
     def from_dict(cls, data: dict, base: Path | None = None, source: str = "preset") -> "TeacherPreset":
-        """Build and validate (see :meth:`validate`); relative paths resolve against ``base``."""
-        if not isinstance(data, dict):
-            raise PresetError(f"{source}: a preset is a mapping with detector, segmenter, device, precision")
-
-        def build(kind, values, where):
-            if not isinstance(values, dict):
-                raise PresetError(f"{source}: {where} must be a mapping")
-            names = {f.name for f in dataclasses.fields(kind)}
-            unknown = set(values) - names
-            if unknown:
-                raise PresetError(f"{source}: unknown key(s) {sorted(unknown)} in {where}; known: {sorted(names)}")
-            return kind(**values)
-
-        names = {"detector", "segmenter", "device", "precision"}
-        unknown = set(data) - names
-        if unknown:
-            raise PresetError(f"{source}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
-        det = build(DetectorConfig, data.get("detector", {}), "detector")
-        seg = build(SegmenterConfig, data.get("segmenter", {}), "segmenter")
-        if base is not None:
-            local = base / os.path.expanduser(det.model)
-            if local.is_dir():
-                det.model = str(local.resolve())
-            if seg.checkpoint:
-                seg.checkpoint = str((base / os.path.expanduser(seg.checkpoint)).resolve())
-        preset = cls(det, seg, str(data.get("device", "auto")), str(data.get("precision", "fp32")))
-        preset.validate(source)
-        return preset
-
-    def validate(self, source: str = "preset") -> None:
-        """Check values without loading models.
+        """Build and validate; relative paths (a local detector directory, the SAM checkpoint)
+        resolve against ``base`` when given.
 
         Raises:
-            PresetError: a count that is not a positive integer, a threshold outside its
-                range, an unknown device, precision or SAM model type, half precision on
-                ``device: cpu``, a SAM checkpoint that does not exist.
+            PresetError: one line per bad key, ``"{source}: {key.path}: {problem}"``: unknown
+                keys (with the known ones), wrong types, a count that is not a positive integer,
+                a threshold outside [0, 1], an unknown device, precision or SAM model type, half
+                precision on ``device: cpu``, a SAM checkpoint that does not exist.
         """
-        import torch
+        return validate_config(cls, data, source, PresetError, context={"base": base})
 
-        from distillery.labeling.segmenter import SAM_MODEL_TYPES
+    def validate(self, source: str = "preset") -> None:
+        """Check the current values again (e.g. after editing fields) without loading models.
 
-        d, s = self.detector, self.segmenter
-        for where, obj, names in (("detector", d, ("batch_size", "actors", "max_detections")),
-                                  ("segmenter", s, ("batch_size", "actors", "boxes_per_call"))):
-            for n in names:
-                v = getattr(obj, n)
-                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                    raise PresetError(f"{source}: {where}.{n} must be a positive integer, got {v!r}")
-        for n, lo, hi in (("box_floor", 0.0, 1.0), ("nms_iou", 0.0, 1.0)):
-            v = getattr(d, n)
-            if not isinstance(v, (int, float)) or not lo <= v <= hi:
-                raise PresetError(f"{source}: detector.{n} must be a number in [{lo}, {hi}], got {v!r}")
-        if d.image_size is not None and not (
-            isinstance(d.image_size, dict) and set(d.image_size) == {"shortest_edge", "longest_edge"}
-            and all(isinstance(v, int) and v > 0 for v in d.image_size.values())
-        ):
-            raise PresetError(f"{source}: detector.image_size must be {{shortest_edge: int, longest_edge: int}}")
-        if self.precision not in ("fp32", "fp16", "bf16"):
-            raise PresetError(f"{source}: precision must be fp32, fp16 or bf16, got {self.precision!r}")
-        if self.device != "auto":
-            try:
-                dev = torch.device(self.device)
-            except (RuntimeError, TypeError) as e:
-                raise PresetError(f"{source}: device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from e
-            if dev.type not in ("cpu", "cuda"):
-                raise PresetError(f"{source}: device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-            if dev.type == "cpu" and self.precision != "fp32":
-                raise PresetError(f"{source}: precision {self.precision} needs a GPU; use fp32 with device: cpu")
-        if s.model_type not in SAM_MODEL_TYPES:
-            raise PresetError(f"{source}: segmenter.model_type must be one of {', '.join(SAM_MODEL_TYPES)}, "
-                              f"got {s.model_type!r}")
-        if s.checkpoint is not None and not os.path.isfile(s.checkpoint):
-            raise PresetError(
-                f"{source}: segmenter.checkpoint {s.checkpoint!r} not found: download the {s.model_type} "
-                "checkpoint from the segment-anything release (e.g. sam_vit_b_01ec64.pth), or write tiny "
-                "test teachers with `distillery teachers tiny DIR`"
-            )
+        Raises:
+            PresetError: as :meth:`from_dict`.
+        """
+        validate_config(type(self), self.to_dict(), source, PresetError)
 
     def check_detector(self, ontology: Ontology, source: str = "preset") -> int:
         """Load the detector's tokenizer and config (no weights) and split ``ontology`` into
@@ -205,7 +214,8 @@ class TeacherPreset:
         return len(build_chunks(ontology, tok, int(getattr(cfg, "max_text_len", 256))))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain, JSON-able nested dict (``image_size`` a dict or None), as stored in manifests."""
+        return self.model_dump()
 
 
 _HASH_CACHE: dict[tuple, str] = {}

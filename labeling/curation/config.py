@@ -29,10 +29,13 @@ severe decision wins: ``reject`` > ``ignore`` > ``accept``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distillery.engine.config import ConfigError, load_yaml
+from distillery.engine.schema import StrictConfig, validate_config
 from distillery.engine.store import DECISIONS
 
 #: Signals a rule can name (keys of ``rules``).
@@ -51,34 +54,89 @@ DEFAULT_RULES = {
     "overlap": None,
 }
 
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
-@dataclass(frozen=True)
-class Band:
-    """Score band thresholds on ``box_score``: ``>= confident`` confident, ``< below`` below
-    threshold, between them uncertain."""
 
-    confident: float = 0.5
-    below: float = 0.25
+class Band(StrictConfig):
+    """Score band thresholds on ``box_score`` (in [0, 1]): ``>= confident`` confident,
+    ``< below`` below threshold, between them uncertain.
+
+    Raises:
+        pydantic.ValidationError: a threshold outside [0, 1], or ``below > confident``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    confident: Fraction = 0.5
+    below: Fraction = 0.25
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Band":
+        if self.below > self.confident:
+            raise ValueError(f"below ({self.below}) must not exceed confident ({self.confident})")
+        return self
 
     def of(self, score: float) -> str:
+        """``"confident"``, ``"uncertain"`` or ``"below"`` for a ``box_score``."""
         return "confident" if score >= self.confident else ("below" if score < self.below else "uncertain")
 
 
-@dataclass(frozen=True)
-class CurationConfig:
-    """Thresholds and rules; see the module docstring for meanings and units."""
+class CurationConfig(StrictConfig):
+    """Thresholds and rules; see the module docstring for meanings and units.
 
-    score_bands: dict = field(default_factory=lambda: {"default": Band()})
-    ambiguity_margin: float = 0.1
-    mask_box_iou: float = 0.7
-    min_area: float = 0.0005
-    max_area: float = 0.9
-    overlap_iou: float = 0.7
-    many_instances: int = 30
-    near_duplicate_bits: int = 6
-    rules: dict = field(default_factory=lambda: dict(DEFAULT_RULES))
+    ``score_bands`` always holds ``"default"``; a class band leaves out a threshold to take
+    the default band's. ``rules`` always holds every signal of :data:`RULE_SIGNALS` (those a
+    file leaves out keep :data:`DEFAULT_RULES`).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    score_bands: dict[str, Band] = Field(default_factory=lambda: {"default": Band()})
+    ambiguity_margin: Fraction = 0.1
+    mask_box_iou: Fraction = 0.7
+    min_area: Fraction = 0.0005
+    max_area: Fraction = 0.9
+    overlap_iou: Fraction = 0.7
+    many_instances: Annotated[int, Field(ge=0, le=10**9)] = 30
+    near_duplicate_bits: Annotated[int, Field(ge=0, le=64)] = 6
+    rules: dict[Literal[RULE_SIGNALS], Literal[DECISIONS] | None] = Field(default_factory=lambda: dict(DEFAULT_RULES))
+
+    @field_validator("score_bands", mode="before")
+    @classmethod
+    def _inherit_default_band(cls, v):
+        """Fill thresholds a class band leaves out from the file's ``default`` band (or
+        :class:`Band`'s defaults); an invalid default is reported at ``score_bands.default``."""
+        if v is None:
+            v = {}
+        if not isinstance(v, dict):
+            return v
+        base = Band()
+        if isinstance(v.get("default"), dict):
+            try:
+                base = Band.model_validate(v["default"])
+            except ValidationError:
+                pass  # reported once, where it is written
+        out = {"default": base}
+        for name, band in v.items():
+            out[name] = {**base.model_dump(), **band} if isinstance(band, dict) and name != "default" else band
+        return out
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _default_rules(cls, v):
+        """A file's rules override :data:`DEFAULT_RULES` signal by signal."""
+        if v is None:
+            return dict(DEFAULT_RULES)
+        return {**DEFAULT_RULES, **v} if isinstance(v, dict) else v
+
+    @model_validator(mode="after")
+    def _area_order(self) -> "CurationConfig":
+        if self.min_area > self.max_area:
+            raise ValueError(f"min_area ({self.min_area}) must not exceed max_area ({self.max_area})")
+        return self
 
     def band(self, label: str) -> Band:
+        """The score band of class ``label`` (the ``default`` band if it has none)."""
         return self.score_bands.get(label, self.score_bands["default"])
 
     def check_classes(self, classes: list[str], source: str = "curation config") -> None:
@@ -92,85 +150,25 @@ class CurationConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None, source: str = "curation config") -> "CurationConfig":
-        """Validate a parsed YAML mapping; raises :class:`ConfigError` naming ``source`` and the key."""
-        d = {} if d is None else d
-        if not isinstance(d, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(d).__name__}")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; known: {sorted(known)}")
+        """Validate a parsed YAML mapping (``None``: all defaults).
 
-        def frac(key: str, lo: float = 0.0, hi: float = 1.0) -> float:
-            v = d.get(key, cls.__dataclass_fields__[key].default)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-                hint = " (YAML reads 1e-3 as text: write 0.001 or 1.0e-3)" if isinstance(v, str) else ""
-                raise ConfigError(f"{source}: {key} must be a number in [{lo}, {hi}], got {v!r}{hint}")
-            return float(v)
-
-        bands = {"default": Band()}
-        raw_bands = d.get("score_bands", {}) or {}
-        if not isinstance(raw_bands, dict):
-            raise ConfigError(f"{source}: score_bands must map class name to {{confident, below}}")
-        for name, b in raw_bands.items():
-            if not isinstance(b, dict) or set(b) - {"confident", "below"}:
-                raise ConfigError(f"{source}: score_bands.{name} must be a mapping with keys confident and below")
-            base = bands["default"] if name != "default" else Band()
-            conf, below = b.get("confident", base.confident), b.get("below", base.below)
-            for k, v in (("confident", conf), ("below", below)):
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                    raise ConfigError(f"{source}: score_bands.{name}.{k} must be a number in [0, 1], got {v!r}")
-            if below > conf:
-                raise ConfigError(f"{source}: score_bands.{name}: below ({below}) must not exceed confident ({conf})")
-            bands[str(name)] = Band(float(conf), float(below))
-
-        rules = dict(DEFAULT_RULES)
-        raw_rules = d.get("rules", {}) or {}
-        if not isinstance(raw_rules, dict):
-            raise ConfigError(f"{source}: rules must map a signal to a decision")
-        for k, v in raw_rules.items():
-            if k not in RULE_SIGNALS:
-                raise ConfigError(f"{source}: rules.{k}: unknown signal; known: {list(RULE_SIGNALS)}")
-            if v is not None and v not in DECISIONS:
-                raise ConfigError(f"{source}: rules.{k}: decision must be one of {list(DECISIONS)} or null, got {v!r}")
-            rules[k] = v
-
-        ints = {}
-        for key in ("many_instances", "near_duplicate_bits"):
-            v = d.get(key, cls.__dataclass_fields__[key].default)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= (64 if key == "near_duplicate_bits" else 10**9):
-                raise ConfigError(f"{source}: {key} must be a non-negative integer{' <= 64' if key == 'near_duplicate_bits' else ''}, got {v!r}")
-            ints[key] = v
-        cfg = cls(
-            score_bands=bands,
-            ambiguity_margin=frac("ambiguity_margin"),
-            mask_box_iou=frac("mask_box_iou"),
-            min_area=frac("min_area"),
-            max_area=frac("max_area"),
-            overlap_iou=frac("overlap_iou"),
-            rules=rules,
-            **ints,
-        )
-        if cfg.min_area > cfg.max_area:
-            raise ConfigError(f"{source}: min_area ({cfg.min_area}) must not exceed max_area ({cfg.max_area})")
-        return cfg
+        Raises:
+            ConfigError: one line per bad key, ``"{source}: {key.path}: {problem}"`` with the
+                allowed values or range (unknown keys list the known ones).
+        """
+        return validate_config(cls, {} if d is None else d, source, ConfigError)
 
     @classmethod
     def load(cls, path: str | Path | None) -> "CurationConfig":
-        """From a YAML file (see module docstring); ``None``: all defaults."""
+        """From a YAML file (see module docstring); ``None``: all defaults.
+
+        Raises:
+            ConfigError: missing file, invalid YAML, a key given twice, or as :meth:`from_dict`.
+        """
         if path is None:
             return cls()
         return cls.from_dict(load_yaml(path, "curation rules"), source=str(path))
 
     def to_dict(self) -> dict:
-        return {
-            "score_bands": {k: {"confident": b.confident, "below": b.below} for k, b in self.score_bands.items()},
-            "ambiguity_margin": self.ambiguity_margin,
-            "mask_box_iou": self.mask_box_iou,
-            "min_area": self.min_area,
-            "max_area": self.max_area,
-            "overlap_iou": self.overlap_iou,
-            "many_instances": self.many_instances,
-            "near_duplicate_bits": self.near_duplicate_bits,
-            "rules": dict(self.rules),
-        }
+        """Plain nested dict in the YAML's layout (every key, bands as ``{confident, below}``)."""
+        return self.model_dump()

@@ -148,11 +148,44 @@ def test_engine_manifest_compatibility_and_profiles(tmp_path):
 
     profiles = {name: DeviceProfile.load(p) for name, p in shipped_configs("device-profile")["device-profile"].items()}
     assert profiles["jetson-orin-nx-dla0"].dla_core == 0 and profiles["rtx-server"].batch == 8
-    for text, msg in (("imgsz: 600", "imgsz=600"), ("dla: 0", "unknown key"), ("batch: 0", "batch=0")):
-        p = tmp_path / "bad.yaml"
-        p.write_text(text)
-        with pytest.raises(ConfigError, match=msg):
-            DeviceProfile.load(p)
+    p = tmp_path / "orin.yaml"
+    p.write_text("batch: 2\n")
+    assert DeviceProfile.load(p) == DeviceProfile(name="orin", batch=2)  # the name defaults to the file stem
+    p.write_text("imgsz: 600\nbatch: 0\n")
+    with pytest.raises(ConfigError) as e:
+        DeviceProfile.load(p)
+    assert str(e.value).splitlines() == [f"{p}: imgsz: must be a positive integer and a multiple of 32, got 600",
+                                         f"{p}: batch: must be a positive integer, got 0"]
+
+
+PROFILE_KEYS = "name, imgsz, batch, workspace_mib, dla_core, gpu_fallback, optimization_level"
+
+#: (YAML text, key path, what the message must say after "<file>: <key path>: "). A profile is
+#: flat, so there is no nested key to get wrong, and no enumerated value.
+BAD_PROFILES = [
+    ("dla: 0\n", "dla", f"unknown key; known keys: {PROFILE_KEYS}"),
+    ("gpu_fallback: 1\n", "gpu_fallback", "must be true or false, got 1"),
+    ("imgsz: '640'\n", "imgsz",
+     "must be a positive integer and a multiple of 32, got '640' (a number in quotes is text: remove the quotes)"),
+    ("imgsz: 640.0\n", "imgsz", "must be a positive integer and a multiple of 32, got 640.0"),
+    ("name: ''\n", "name", "must be a non-empty string, got ''"),
+    ("imgsz: 600\n", "imgsz", "must be a positive integer and a multiple of 32, got 600"),
+    ("workspace_mib: 10\n", "workspace_mib", "must be an integer >= 64, got 10"),
+    ("dla_core: -1\n", "dla_core", "must be a non-negative integer, or null, got -1"),
+    ("optimization_level: 6\n", "optimization_level", "must be an integer in [0, 5], got 6"),
+]
+
+
+@pytest.mark.parametrize("text, key, problem", BAD_PROFILES, ids=[b[1] + "-" + b[2][:12] for b in BAD_PROFILES])
+def test_bad_device_profiles_give_one_line_with_file_key_and_allowed_values(tmp_path, text, key, problem):
+    from distillery.engine.config import ConfigError
+    from distillery.export.tensorrt import DeviceProfile
+
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        DeviceProfile.load(p)
+    assert str(e.value) == f"{p}: {key}: {problem}"
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ from distillery.engine.images import content_id
 from distillery.engine.record import LabelRecord
 from distillery.engine.store import LabelStore
 from distillery.labeling.coco import import_coco
-from distillery.labeling.curation.config import CurationConfig
+from distillery.labeling.curation.config import DEFAULT_RULES, Band, CurationConfig
 from distillery.labeling.curation.database import FIELD, CurationError, open_dataset
 from distillery.labeling.curation.decisions import commit
 from distillery.labeling.curation.rules import apply_rules
@@ -354,21 +354,50 @@ def test_database_options_before_or_after_the_subcommand(fo, dataset_name, store
     assert os.environ["FIFTYONE_DATABASE_URI"] == uri
 
 
+CURATION_KEYS = ("score_bands, ambiguity_margin, mask_box_iou, min_area, max_area, overlap_iou, many_instances, "
+                 "near_duplicate_bits, rules")
+SIGNALS = "below, uncertain, confident, tiny, image_filling, ambiguous, mask_box_disagree, overlap"
+
+#: (YAML text, key path, what the message must say after "<file>: <key path>").
+BAD_CURATION = [
+    ("thresholds: 1\n", "thresholds", f": unknown key; known keys: {CURATION_KEYS}"),
+    ("score_bands: {cat: {confident: 0.6, lower: 0.1}}\n", "score_bands.cat.lower",
+     ": unknown key; known keys in score_bands.cat: confident, below"),
+    ("rules: {blurry: reject}\n", "rules.blurry", f": unknown key; known keys in rules: {SIGNALS}"),
+    ("many_instances: lots\n", "many_instances", ": must be an integer in [0, 1000000000], got 'lots'"),
+    ("ambiguity_margin: yes\n", "ambiguity_margin", ": must be a number in [0.0, 1.0], got True"),
+    ("min_area: 1e-3\n", "min_area",
+     ": must be a number in [0.0, 1.0], got '1e-3' (YAML reads 1e-3 as text: write 0.001 or 1.0e-3)"),
+    ("score_bands: [cat, dog]\n", "score_bands",
+     ": must be a mapping from a string to a mapping with keys confident, below, got ['cat', 'dog']"),
+    ("min_area: 2\n", "min_area", ": must be a number in [0.0, 1.0], got 2"),
+    ("near_duplicate_bits: 65\n", "near_duplicate_bits", ": must be an integer in [0, 64], got 65"),
+    ("score_bands: {default: {confident: 1.5}}\n", "score_bands.default.confident",
+     ": must be a number in [0.0, 1.0], got 1.5"),
+    ("score_bands: {cat: {confident: 0.2, below: 0.5}}\n", "score_bands.cat",
+     ": below (0.5) must not exceed confident (0.2)"),
+    ("min_area: 0.5\nmax_area: 0.4\n", "min_area", " (0.5) must not exceed max_area (0.4)"),
+    ("rules: {below: drop}\n", "rules.below", ": must be one of accept, reject, ignore, or null, got 'drop'"),
+]
+
+
+@pytest.mark.parametrize("text, key, problem", BAD_CURATION, ids=[b[1] + "-" + b[2][2:14] for b in BAD_CURATION])
+def test_bad_curation_files_give_one_line_with_file_key_and_allowed_values(tmp_path, text, key, problem):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        CurationConfig.load(p)
+    assert str(e.value) == f"{p}: {key}{problem}"
+
+
 def test_config_errors_name_the_problem(tmp_path):
-    bad = [
-        ({"min_area": 2}, "min_area must be a number in"),
-        ({"thresholds": 1}, "unknown key"),
-        ({"score_bands": {"cat": {"confident": 0.2, "below": 0.5}}}, "below .* must not exceed"),
-        ({"rules": {"below": "drop"}}, "decision must be one of"),
-        ({"rules": {"blurry": "reject"}}, "unknown signal"),
-        ({"near_duplicate_bits": 65}, "near_duplicate_bits"),
-    ]
-    for d, msg in bad:
-        p = tmp_path / "c.yaml"
-        p.write_text(yaml.safe_dump(d))
-        with pytest.raises(ConfigError, match=msg) as e:
-            CurationConfig.load(p)
-        assert str(p) in str(e.value)
+    p = tmp_path / "c.yaml"
+    p.write_text("min_area: 2\nrules: {below: drop, blurry: reject}\nthresholds: 1\n")
+    with pytest.raises(ConfigError) as e:
+        CurationConfig.load(p)
+    lines = str(e.value).splitlines()  # every bad key on its own line, each naming the file
+    assert [line.split(": ")[1] for line in lines] == ["min_area", "rules.below", "rules.blurry", "thresholds"]
+    assert all(line.startswith(f"{p}: ") for line in lines)
     cfg = CurationConfig.from_dict({"score_bands": {"unicorn": {"confident": 0.5}}})
     with pytest.raises(ConfigError, match="unicorn"):
         cfg.check_classes(CLASSES)
@@ -376,6 +405,18 @@ def test_config_errors_name_the_problem(tmp_path):
 
     shipped = resolve_config("rules", "default")
     assert CurationConfig.load(shipped) == CurationConfig()  # the shipped file states the defaults
+
+
+def test_class_bands_take_missing_thresholds_from_the_default_band():
+    # "default" written after the class: the class still takes the file's default below
+    cfg = CurationConfig.from_dict({"score_bands": {"cat": {"confident": 0.6}, "default": {"below": 0.1}},
+                                    "rules": {"overlap": "ignore"}})
+    assert cfg.band("cat") == Band(confident=0.6, below=0.1)
+    assert cfg.band("dog") == cfg.band("default") == Band(confident=0.5, below=0.1)
+    assert [cfg.band("cat").of(s) for s in (0.6, 0.3, 0.05)] == ["confident", "uncertain", "below"]
+    assert cfg.rules == {**DEFAULT_RULES, "overlap": "ignore"}
+    assert CurationConfig.from_dict(cfg.to_dict()) == cfg
+    assert CurationConfig.from_dict(None) == CurationConfig()
 
 
 def test_cli_sync_rules_commit_report(fo, dataset_name, store, tmp_path):

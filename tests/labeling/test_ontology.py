@@ -78,3 +78,46 @@ def test_bad_ontologies(tmp_path, tokenizer):
         Ontology.load(f)
     with pytest.raises(OntologyError, match="not found"):
         Ontology.load(tmp_path / "missing.yaml")
+
+
+#: (YAML text, the problem line after "<file>: "): one line per offending prompt or entry.
+BAD_ONTOLOGY_FILES = [
+    ("car:\n", ["prompt 'car': its class is empty"]),
+    ("car: ''\n", ["prompt 'car': its class must be a non-empty string"]),
+    ("car: 3\n", ["prompt 'car': its class is not text (YAML reads unquoted numbers, yes/no, on/off as other types): "
+                  "put it in quotes"]),
+    ("yes: vehicle\n", ["prompt True is not text (YAML reads unquoted numbers, yes/no, on/off as other types): "
+                        "put it in quotes"]),
+    ("'  ': car\n", ["prompt '  ' must be a non-empty string"]),
+    ("~: car\n", ["prompt None is empty"]),
+    ("car: vehicle\nbus:\ntruck: [a]\n", ["prompt 'bus': its class is empty",
+                                          "prompt 'truck': its class is not text (YAML reads unquoted numbers, "
+                                          "yes/no, on/off as other types): put it in quotes"]),
+    ("ontology: {car: ' '}\n", ["prompt 'car': its class must be a non-empty string"]),
+    ("- car\n- [bus, vehicle, x]\n- 5\n", ["entry 2 (['bus', 'vehicle', 'x']) must be 'name' or [prompt, class]",
+                                           "entry 3 (5) must be 'name' or [prompt, class]"]),
+    ("{}\n", ["the ontology is empty; give at least one class"]),
+    ("[]\n", ["the ontology is empty; give at least one class"]),
+    ("car\n", ["expected a mapping 'prompt: class', got str"]),
+    ("", ["the ontology file is empty; write one 'prompt: class' per line"]),
+]
+
+
+@pytest.mark.parametrize("text, problems", BAD_ONTOLOGY_FILES, ids=[str(i) for i in range(len(BAD_ONTOLOGY_FILES))])
+def test_bad_ontology_files_name_the_file_and_the_prompt(tmp_path, text, problems):
+    f = tmp_path / "o.yaml"
+    f.write_text(text)
+    with pytest.raises(OntologyError) as e:
+        Ontology.load(f)
+    assert str(e.value).splitlines() == [f"{f}: {p}" for p in problems]
+
+
+def test_prompts_are_stripped_and_a_repeat_after_stripping_is_an_error():
+    o = Ontology.from_mapping({" a red car ": " car", "person": "person "})
+    assert o.prompts == ("a red car", "person") and o.classes == ("car", "person")
+    with pytest.raises(OntologyError) as e:
+        Ontology.from_mapping({"car ": "car", "car": "auto"}, source="x.yaml")
+    assert str(e.value) == "x.yaml: prompt 'car' is given twice"
+    # the list form: plain names are their own prompt; pairs keep their class
+    o = Ontology.from_mapping(["dog", ["a puppy", "dog"], ("cat", "cat")])
+    assert o.prompts == ("dog", "a puppy", "cat") and o.prompt_class == (0, 0, 1) and o.classes == ("dog", "cat")

@@ -17,19 +17,65 @@ def write(tmp_path, data, name="p.yaml"):
     return p
 
 
+DETECTOR_KEYS = "model, revision, box_floor, nms_iou, image_size, max_detections, batch_size, actors"
+
+#: (YAML text, key path, what the message must say after "<file>: <key path>: ").
+BAD_PRESETS = [
+    ("colour: red\n", "colour", "unknown key; known keys: detector, segmenter, device, precision"),
+    ("detector: {colour: 1}\n", "detector.colour", f"unknown key; known keys in detector: {DETECTOR_KEYS}"),
+    ("detector: {image_size: {shortest_edge: 800, longest_edge: 1333, max_size: 2000}}\n",
+     "detector.image_size.max_size", "unknown key; known keys in detector.image_size: shortest_edge, longest_edge"),
+    ("segmenter: {points: 4}\n", "segmenter.points",
+     "unknown key; known keys in segmenter: model_type, checkpoint, boxes_per_call, batch_size, actors"),
+    ("detector: {batch_size: four}\n", "detector.batch_size", "must be a positive integer, got 'four'"),
+    ("detector: {batch_size: '4'}\n", "detector.batch_size",
+     "must be a positive integer, got '4' (a number in quotes is text: remove the quotes)"),
+    ("detector: {nms_iou: true}\n", "detector.nms_iou", "must be a number in [0.0, 1.0], got True"),
+    ("detector: {box_floor: 1e-3}\n", "detector.box_floor",
+     "must be a number in [0.0, 1.0], got '1e-3' (YAML reads 1e-3 as text: write 0.001 or 1.0e-3)"),
+    ("detector: [a, b]\n", "detector", f"must be a mapping with keys {DETECTOR_KEYS}, got ['a', 'b']"),
+    ("detector: {image_size: 800}\n", "detector.image_size",
+     "must be a mapping with keys shortest_edge, longest_edge, or null, got 800"),
+    ("detector: {nms_iou: 1.5}\n", "detector.nms_iou", "must be a number in [0.0, 1.0], got 1.5"),
+    ("detector: {box_floor: -0.1}\n", "detector.box_floor", "must be a number in [0.0, 1.0], got -0.1"),
+    ("segmenter: {boxes_per_call: 0}\n", "segmenter.boxes_per_call", "must be a positive integer, got 0"),
+    ("detector: {image_size: {shortest_edge: 0, longest_edge: 1333}}\n", "detector.image_size.shortest_edge",
+     "must be a positive integer, got 0"),
+    ("detector: {image_size: {shortest_edge: 800}}\n", "detector.image_size.longest_edge",
+     "is required (a positive integer)"),
+    ("precision: float32\n", "precision", "must be one of fp32, fp16, bf16, got 'float32'"),
+    ("segmenter: {model_type: vit_zz}\n", "segmenter.model_type",
+     "must be one of vit_h, vit_l, vit_b, vit_tiny, got 'vit_zz'"),
+]
+
+
+@pytest.mark.parametrize("text, key, problem", BAD_PRESETS, ids=[b[1] + "-" + b[2][:12] for b in BAD_PRESETS])
+def test_bad_preset_files_give_one_line_with_file_key_and_allowed_values(tmp_path, text, key, problem):
+    # no checkpoint and a hub id: no file is needed for these checks
+    p = write(tmp_path, text)
+    with pytest.raises(PresetError) as e:
+        TeacherPreset.load(p)
+    assert str(e.value) == f"{p}: {key}: {problem}"
+
+
+def test_every_bad_key_of_a_preset_gets_its_own_line(tmp_path):
+    p = write(tmp_path, "detector: {nms_iou: 2, actors: 0, extra: 1}\nprecision: half\n")
+    with pytest.raises(PresetError) as e:
+        TeacherPreset.load(p)
+    lines = str(e.value).splitlines()
+    assert [line.split(": ")[1] for line in lines] == ["detector.nms_iou", "detector.actors", "detector.extra",
+                                                       "precision"]
+    assert all(line.startswith(f"{p}: ") for line in lines)
+
+
 @pytest.mark.parametrize("change, message", [
-    ({"device": "tpu"}, "device must be"),
-    ({"device": "cpu", "precision": "fp16"}, "needs a GPU"),
-    ({"precision": "float32"}, "fp32, fp16 or bf16"),
-    ({"detector": {"batch_size": 0}}, "detector.batch_size must be a positive integer"),
-    ({"detector": {"batch_size": "four"}}, "positive integer"),
-    ({"detector": {"box_floor": 2}}, r"box_floor must be a number in \[0.0, 1.0\]"),
-    ({"detector": {"image_size": {"shortest_edge": 800}}}, "image_size"),
-    ({"segmenter": {"model_type": "vit_zz"}}, "vit_h, vit_l, vit_b, vit_tiny"),
-    ({"segmenter": {"checkpoint": "nope/sam.pth"}}, "segment-anything release"),
-    ({"detector": {"colour": 1}}, r"unknown key\(s\) \['colour'\] in detector"),
+    ({"device": "tpu"}, "device: must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ({"device": "cuda:x"}, "device: must be auto, cpu, cuda or cuda:N, got 'cuda:x'"),
+    ({"device": "cpu", "precision": "fp16"}, "precision fp16 needs a GPU; use fp32 with device: cpu"),
+    ({"segmenter": {"checkpoint": "nope/sam.pth"}}, "segmenter.checkpoint: '{dir}/nope/sam.pth' not found: download "
+     "the vit_tiny checkpoint from the segment-anything release"),
 ])
-def test_bad_presets_name_the_key_and_the_fix(tmp_path, tiny_teachers, change, message):
+def test_checks_that_need_torch_or_files(tmp_path, tiny_teachers, change, message):
     data = yaml.safe_load(Path(tiny_teachers).read_text())
     for k, v in change.items():
         if isinstance(v, dict):
@@ -40,16 +86,38 @@ def test_bad_presets_name_the_key_and_the_fix(tmp_path, tiny_teachers, change, m
     if "checkpoint" not in change.get("segmenter", {}):
         data["segmenter"]["checkpoint"] = str(Path(tiny_teachers).parent / "sam_vit_tiny.pth")
     p = write(tmp_path, data)
-    with pytest.raises(PresetError, match=message) as e:
+    with pytest.raises(PresetError) as e:
         TeacherPreset.load(p)
-    assert str(p) in str(e.value)
+    assert str(e.value).startswith(f"{p}: " + message.format(dir=tmp_path.resolve()))
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_relative_paths_resolve_against_the_preset_and_round_trip(tiny_teachers, tmp_path):
+    folder = Path(tiny_teachers).parent
+    preset = TeacherPreset.load(tiny_teachers)  # written with model: grounding-dino, checkpoint: sam_vit_tiny.pth
+    assert preset.detector.model == str((folder / "grounding-dino").resolve())
+    assert preset.segmenter.checkpoint == str((folder / "sam_vit_tiny.pth").resolve())
+    assert preset.detector.image_size == {"shortest_edge": 320, "longest_edge": 512}
+    assert type(preset.detector.image_size) is dict  # hashed as is into the label set id
+    assert TeacherPreset.from_dict(preset.to_dict()) == preset
+    # a model that is not a folder next to the preset stays a hub id
+    p = write(tmp_path, "detector: {model: IDEA-Research/grounding-dino-base}\n")
+    assert TeacherPreset.load(p).detector.model == "IDEA-Research/grounding-dino-base"
+    # edited values are checked again by validate()
+    preset.detector.batch_size = 0
+    with pytest.raises(PresetError) as e:
+        preset.validate("edited")
+    assert str(e.value) == "edited: detector.batch_size: must be a positive integer, got 0"
 
 
 def test_preset_shape_and_duplicate_keys(tmp_path):
-    with pytest.raises(PresetError, match="is a mapping"):
-        TeacherPreset.load(write(tmp_path, "- a\n- b\n"))
+    p = write(tmp_path, "- a\n- b\n")
+    with pytest.raises(PresetError) as e:
+        TeacherPreset.load(p)
+    assert str(e.value) == f"{p}: must be a mapping with keys detector, segmenter, device, precision, got list"
     with pytest.raises(PresetError, match="given twice"):
         TeacherPreset.load(write(tmp_path, "device: cpu\ndevice: auto\n"))
+    assert TeacherPreset.load(write(tmp_path, "")) == TeacherPreset()  # an empty preset: every default
     with pytest.raises(OntologyError, match="'car' is given twice"):
         Ontology.load(write(tmp_path, "car: vehicle\ntruck: vehicle\ncar: automobile\n", "o.yaml"))
     with pytest.raises(OntologyError, match="empty"):
