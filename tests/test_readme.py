@@ -91,7 +91,7 @@ def test_every_readme_command_and_option_exists():
                         opt = w.split("=", 1)[0]
                         assert opt in known, f"README: `distillery {' '.join(args)}`: {cmd.name} has no option {opt}"
                 seen += 1
-    assert seen >= 25, f"only {seen} distillery commands found in the README; did the block format change?"
+    assert seen >= 20, f"only {seen} distillery commands found in the README; did the block format change?"
 
 
 def test_readme_starts_with_install_test_and_main_job():
