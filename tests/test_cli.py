@@ -37,7 +37,10 @@ def test_cli_user_errors_are_clear(tmp_path, tiny_teachers):
     assert out.exit_code == 1 and "exactly one of --classes or --ontology" in out.output
     out = r.invoke(main, ["label", str(tmp_path), "--classes", "a", "--store", str(tmp_path / "s"),
                           "--teachers", str(tmp_path / "none.yaml")])
-    assert out.exit_code == 1 and "not found" in out.output
+    assert out.exit_code == 1 and "neither a file nor a shipped teachers preset" in out.output
+    out = r.invoke(main, ["labels", "export", "--store", str(tmp_path / "empty"), "--format", "coco", "--out", "x.json"])
+    assert out.exit_code == 1 and f"--store {tmp_path / 'empty'} does not exist" in out.output
+    (tmp_path / "empty" / "labelsets").mkdir(parents=True)
     out = r.invoke(main, ["labels", "export", "--store", str(tmp_path / "empty"), "--format", "coco", "--out", "x.json"])
     assert out.exit_code == 1 and "no label sets" in out.output
     assert "Example" in r.invoke(main, ["label", "--help"]).output

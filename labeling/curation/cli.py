@@ -8,21 +8,15 @@ import os
 import click
 
 from distillery.engine.cli_errors import fail_cleanly
+from distillery.engine.cli_types import Config, Output, Store
 
 
 _errors = fail_cleanly
 
 
-def _rules(value):
-    """--rules: a file or a shipped name; None means the default thresholds."""
-    from distillery.engine.config import resolve_config
-
-    return None if value is None else resolve_config("rules", value)
-
-
 @click.group()
-@click.option("--database-dir", envvar="FIFTYONE_DATABASE_DIR", type=click.Path(file_okay=False), default=None,
-              help="Where FiftyOne's MongoDB keeps its files (env FIFTYONE_DATABASE_DIR; FiftyOne's default: "
+@click.option("--database-dir", envvar="FIFTYONE_DATABASE_DIR", type=Output(folder=True, example="~/.fiftyone/var/lib/mongo"),
+              default=None, help="Where FiftyOne's MongoDB keeps its files (env FIFTYONE_DATABASE_DIR; FiftyOne's default: "
                    "~/.fiftyone/var/lib/mongo).")
 @click.option("--database-uri", envvar="FIFTYONE_DATABASE_URI", default=None,
               help="Use an existing MongoDB instead of FiftyOne's own (env FIFTYONE_DATABASE_URI).")
@@ -43,11 +37,11 @@ def curate(database_dir, database_uri) -> None:
 
 
 @curate.command("sync")
-@click.option("--store", required=True, type=click.Path(file_okay=False, exists=True), help="Label store directory.")
+@click.option("--store", required=True, type=Store(), help="Label store directory.")
 @click.option("--labelset", default=None,
               help="Label set id or unique prefix (default: the dataset's, else the store's only one).")
 @click.option("--dataset", "name", required=True, help="FiftyOne dataset name (created if new, persistent).")
-@click.option("--rules", "rules_path", default=None,
+@click.option("--rules", "rules_path", default=None, type=Config("rules"),
               help="Curation rules: a YAML file or a shipped name (default). Thresholds for score bands and review signals (default thresholds otherwise).")
 @click.option("--no-phash", is_flag=True, help="Skip perceptual hashes (no near-duplicate view; no image decoding).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -62,9 +56,10 @@ def curate_sync(store, labelset, name, rules_path, no_phash, quiet):
     from distillery.labeling.curation.config import CurationConfig
     from distillery.labeling.curation.dataset import bound_labelset, sync
 
+    cfg = CurationConfig.load(rules_path)  # before the database is touched
     # an existing dataset already names its label set
     ls = LabelStore(store).open(labelset or bound_labelset(name))
-    s = sync(ls, name, CurationConfig.load(_rules(rules_path)), with_phash=not no_phash, progress=not quiet)
+    s = sync(ls, name, cfg, with_phash=not no_phash, progress=not quiet)
     click.echo(
         f"dataset {s.dataset} <- label set {s.labelset}: {s.added} added, {s.updated} updated, {s.unchanged} unchanged "
         f"images (written: {s.instances} instances, {s.errors} error images, {s.restored_decisions} decisions "
@@ -117,7 +112,7 @@ def curate_app(name, port, host, view_name):
 
 @curate.command("rules")
 @click.option("--dataset", "name", required=True)
-@click.option("--rules", "rules_path", required=True,
+@click.option("--rules", "rules_path", required=True, type=Config("rules"),
               help="Curation rules: a YAML file or a shipped name (default; `distillery configs show default --kind rules`).")
 @click.option("--overwrite-manual", is_flag=True, help="Also replace decisions people set in the App.")
 @_errors
@@ -129,8 +124,9 @@ def curate_rules(name, rules_path, overwrite_manual):
     from distillery.labeling.curation.config import CurationConfig
     from distillery.labeling.curation.dataset import apply_rules, open_dataset
 
+    cfg = CurationConfig.load(rules_path)  # before the database is touched
     ds = open_dataset(name)
-    counts = apply_rules(ds, CurationConfig.load(_rules(rules_path)), overwrite_manual)
+    counts = apply_rules(ds, cfg, overwrite_manual)
     click.echo(
         "rules set: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("accept", "reject", "ignore", "none"))
         + f"; manual decisions kept: {counts.get('manual_kept', 0)}"
@@ -141,7 +137,7 @@ def curate_rules(name, rules_path, overwrite_manual):
 
 @curate.command("commit")
 @click.option("--dataset", "name", required=True)
-@click.option("--store", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--store", required=True, type=Store())
 @_errors
 def curate_commit(name, store):
     """Write the dataset's decisions to the store as a new curation version.
@@ -162,10 +158,11 @@ def curate_commit(name, store):
 
 
 @curate.command("report")
-@click.option("--store", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--store", required=True, type=Store())
 @click.option("--labelset", default=None, help="Label set id or unique prefix (default: the only one).")
-@click.option("--out", required=True, type=click.Path(), help="Directory for the PNGs and report.json.")
-@click.option("--rules", "rules_path", default=None,
+@click.option("--out", required=True, type=Output(folder=True, example="report/"),
+              help="Directory for the PNGs and report.json.")
+@click.option("--rules", "rules_path", default=None, type=Config("rules"),
               help="Curation rules (a YAML file or a shipped name) whose score bands are drawn (default thresholds otherwise).")
 @_errors
 def curate_report(store, labelset, out, rules_path):
@@ -178,7 +175,7 @@ def curate_report(store, labelset, out, rules_path):
     from distillery.labeling.curation.report import write_report
 
     ls = LabelStore(store).open(labelset)
-    cfg = CurationConfig.load(_rules(rules_path))
+    cfg = CurationConfig.load(rules_path)
     cfg.check_classes(ls.classes, str(rules_path))
     nums = write_report(ls, out, cfg)
     d = nums["decisions"]
