@@ -249,10 +249,22 @@ def import_coco(store: LabelStore, coco_path: str, images_dir: str, shard_size: 
 
     Re-importing the same file into the same store reopens the same label set and adds
     nothing. Returns the label set and import stats (images, instances, crowd, errors).
+
+    Raises:
+        CocoError: the file is not a COCO instances file, or none of its images is in
+            ``images_dir`` (nothing is created then).
     """
     from distillery.labeling.teachers import file_sha256
 
     coco = load_coco(coco_path)
+    validate_coco(coco)
+    base = Path(images_dir)
+    if coco["images"] and not any(os.path.lexists(base / im["file_name"]) for im in coco["images"]):
+        raise CocoError(
+            f"none of the {len(coco['images'])} images of {coco_path} is in {images_dir} (e.g. "
+            f"{base / coco['images'][0]['file_name']} does not exist); give the folder its file_name entries are "
+            "relative to"
+        )
     classes, records, stats = coco_to_records(coco, images_dir)
     spec = {
         "kind": "import",
