@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 
 import click
 
@@ -11,10 +12,36 @@ class UserError(click.ClickException):
     """An error caused by input the user can fix; printed without a traceback."""
 
 
+#: Top-level packages whose connection failures mean FiftyOne's database is not reachable.
+DATABASE_PACKAGES = ("fiftyone", "pymongo", "mongoengine", "motor")
+
+
+def is_database_failure(e: BaseException) -> bool:
+    """True if ``e`` is a failure to reach FiftyOne's MongoDB: a ``pymongo`` ``ConnectionFailure``
+    (``ServerSelectionTimeoutError``, ``AutoReconnect``...), or a ``ConnectionError`` raised in
+    FiftyOne, pymongo or mongoengine code (FiftyOne raises ``ConnectionError("Could not connect
+    to `mongod`")``); checked along the chain of causes."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        errors = sys.modules.get("pymongo.errors")
+        if errors is not None and isinstance(e, errors.ConnectionFailure):
+            return True
+        if isinstance(e, ConnectionError):
+            tb = e.__traceback__
+            while tb is not None:
+                if tb.tb_frame.f_globals.get("__name__", "").split(".")[0] in DATABASE_PACKAGES:
+                    return True
+                tb = tb.tb_next
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def fail_cleanly(fn):
     """Decorator: source, store, config and value errors, file problems (missing, existing,
-    permission, directory) and an unreachable database become :class:`UserError` (their
-    message, exit status 1); anything else keeps its traceback."""
+    permission, directory) and connection failures become :class:`UserError` (their message,
+    exit status 1); a failure to reach FiftyOne's database (:func:`is_database_failure`, and
+    only that) says so; anything else keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -27,8 +54,12 @@ def fail_cleanly(fn):
             return fn(*args, **kwargs)
         except user_errors as e:
             raise UserError(str(e)) from e
-        except ConnectionError as e:  # FiftyOne's MongoDB (another command may be starting it)
-            raise UserError(f"{e}: the database is not reachable; if another command is starting it, retry in a "
-                            "few seconds") from e
+        except Exception as e:
+            if is_database_failure(e):  # FiftyOne's MongoDB (another command may be starting it)
+                raise UserError(f"{e}: the database is not reachable; if another command is starting it, retry in "
+                                "a few seconds") from e
+            if isinstance(e, ConnectionError):
+                raise UserError(f"connection failed: {e}") from e
+            raise
 
     return wrapper

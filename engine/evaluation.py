@@ -95,6 +95,43 @@ def load_gt(path: str | Path) -> dict:
     return gt
 
 
+def check_sizes(gt_by_base: dict, image_files: list[str], predictions: list[dict]) -> None:
+    """Every predicted image must have the GT's size, else COCOeval silently scores it zero
+    (masks and boxes live in another frame).
+
+    Args:
+        gt_by_base: GT image entries by file basename.
+        image_files: predicted images; those that exist are measured (EXIF-corrected
+            (width, height), :func:`distillery.engine.images.exif_size`).
+        predictions: neutral predictions; a mask's RLE ``size`` ([height, width]) is compared too.
+
+    Raises:
+        EvalError: naming the image and both sizes.
+    """
+    from distillery.engine.images import exif_size
+
+    def refuse(name: str, w: int, h: int, what: str, im: dict):
+        raise EvalError(f"{name}: {what} is {w}x{h} (width x height, EXIF orientation applied) but the GT's "
+                        f"{im['file_name']} is {im['width']}x{im['height']}; fix the GT's width/height or give the "
+                        "images it was made from")
+
+    for f in image_files:
+        im = gt_by_base.get(os.path.basename(f))
+        if im is None or not os.path.isfile(f):
+            continue
+        try:
+            w, h = exif_size(f)
+        except OSError:
+            continue  # an unreadable image has no predictions to misplace
+        if (w, h) != (im["width"], im["height"]):
+            refuse(f, w, h, "the image", im)
+    for p in predictions:
+        im = gt_by_base.get(os.path.basename(p["file_name"]))
+        size = (p.get("segmentation") or {}).get("size")
+        if im is not None and size is not None and list(size) != [im["height"], im["width"]]:
+            refuse(p["file_name"], size[1], size[0], "a predicted mask", im)
+
+
 def evaluate(gt: dict, predictions: list[dict], class_names: list[str], image_files: list[str] | None = None,
              iou_types=IOU_TYPES) -> dict:
     """COCOeval of neutral ``predictions`` against ``gt``.
@@ -114,7 +151,8 @@ def evaluate(gt: dict, predictions: list[dict], class_names: list[str], image_fi
         "pr": {"recall", "precision@50", "precision@50-95"}}``.
 
     Raises:
-        EvalError: no GT image matches a predicted image, or no class names are shared.
+        EvalError: no GT image matches a predicted image, no class names are shared, or an
+        image's size differs from the GT's ``width`` x ``height`` (:func:`check_sizes`).
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -125,6 +163,7 @@ def evaluate(gt: dict, predictions: list[dict], class_names: list[str], image_fi
     img_ids = sorted({gt_by_base[os.path.basename(f)]["id"] for f in image_files if os.path.basename(f) in gt_by_base})
     if not img_ids:
         raise EvalError("no predicted image matches a GT image by file name; check --images / the label set's paths")
+    check_sizes(gt_by_base, image_files, predictions)
     cat_by_name = {c["name"]: c["id"] for c in gt["categories"]}
     shared = [n for n in class_names if n in cat_by_name]
     if not shared:

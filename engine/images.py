@@ -45,7 +45,9 @@ def list_source(source: str | os.PathLike) -> list[str]:
         error records, so the user sees them in the summary.
 
     Raises:
-        SourceError: the source does not exist, or a JSON source is not COCO.
+        SourceError: the source does not exist, a JSON source is not COCO, a list is not
+            UTF-8 text, or a list or JSON source names paths of which none exists (a wrong
+            file, or paths relative to another folder).
     """
     p = Path(source).expanduser()
     if p.is_dir():
@@ -64,7 +66,7 @@ def list_source(source: str | os.PathLike) -> list[str]:
         except (ValueError, KeyError, TypeError) as e:
             raise SourceError(f"{p}: not a COCO JSON with images[].file_name ({e})") from e
         base = p.parent / "images" if (p.parent / "images").is_dir() else p.parent
-        return [str(n if os.path.isabs(n) else (base / n).absolute()) for n in names]
+        return _some_exist(p, [str(n if os.path.isabs(n) else (base / n).absolute()) for n in names])
     if p.suffix.lower() in IMAGE_SUFFIXES:
         return [str(p.absolute())]
     try:
@@ -77,7 +79,15 @@ def list_source(source: str | os.PathLike) -> list[str]:
         if line and not line.startswith("#"):
             q = Path(line).expanduser()
             out.append(str(q if q.is_absolute() else (p.parent / q).absolute()))
-    return out
+    return _some_exist(p, out)
+
+
+def _some_exist(source: Path, paths: list[str]) -> list[str]:
+    """``paths``, unless there are some and none exists (broken symlinks count as existing)."""
+    if paths and not any(os.path.lexists(q) for q in paths):
+        raise SourceError(f"source {source} names {len(paths)} image path(s) but none exists (the first: {paths[0]}); "
+                          "give a folder, a .txt list of image paths (relative to the list's folder) or a COCO .json")
+    return paths
 
 
 def list_sources(sources) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from distillery.engine.cli_errors import fail_cleanly
+from distillery.engine.cli_types import Checkpoint, CocoJson, Config, ImageFolder, Output, Store, StudentOnnx
 
 
 _errors = fail_cleanly
@@ -26,12 +27,12 @@ def export() -> None:
 
 
 @export.command("onnx")
-@click.option("--model", required=True, type=click.Path(dir_okay=False, exists=True), help="Student checkpoint (.pt).")
+@click.option("--model", required=True, type=Checkpoint(), help="Student checkpoint (.pt).")
 @click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True)
 @click.option("--batch", default="1", show_default=True, help="Fixed batch size, or 'dynamic'.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: ultralytics' choice).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
-@click.option("--check-images", type=click.Path(file_okay=False, exists=True), default=None,
+@click.option("--out", required=True, type=Output(folder=False, example="student.onnx"))
+@click.option("--check-images", type=ImageFolder(), default=None,
               help="Folder of real photos for a PyTorch/ONNX raw-output parity check (first 8).")
 @_errors
 def export_onnx_cmd(model, imgsz, batch, opset, out, check_images):
@@ -51,11 +52,11 @@ def export_onnx_cmd(model, imgsz, batch, opset, out, check_images):
 
 
 @export.command("int8")
-@click.option("--model", required=True, type=click.Path(dir_okay=False, exists=True), help="FP32 ONNX (fixed batch).")
-@click.option("--store", type=click.Path(file_okay=False, exists=True), default=None, help="Calibrate on a label set's images.")
+@click.option("--model", required=True, type=StudentOnnx(), help="FP32 ONNX (fixed batch).")
+@click.option("--store", type=Store(), default=None, help="Calibrate on a label set's images.")
 @click.option("--labelset", default=None, metavar="NAME|ID",
               help="With --store: label set name, id or unique id prefix (default: the store's only one).")
-@click.option("--images", "images_dir", type=click.Path(file_okay=False, exists=True), default=None,
+@click.option("--images", "images_dir", type=ImageFolder(), default=None,
               help="Or calibrate on a folder of in-domain images.")
 @click.option("--calib-images", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax", show_default=True)
@@ -63,7 +64,7 @@ def export_onnx_cmd(model, imgsz, batch, opset, out, check_images):
               help="Detection/mask head precision: fp32 (all of it), outputs (only its output convs and what follows "
                    "stay FP32; its inner convs are INT8), int8 (everything; not recommended).")
 @click.option("--exclude", multiple=True, help="Another node name to keep in FP32 (repeatable).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="CPU artifact; the TensorRT one is *.trt.onnx beside it.")
+@click.option("--out", required=True, type=Output(folder=False, example="student.int8.onnx"), help="CPU artifact; the TensorRT one is *.trt.onnx beside it.")
 @_errors
 def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, head, exclude, out):
     """Calibrate once, write INT8 Q/DQ ONNX for ONNX Runtime CPU (unsigned activations) and
@@ -89,17 +90,18 @@ def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, he
 
 
 @export.command("engine")
-@click.option("--model", required=True, type=click.Path(dir_okay=False, exists=True), help="TensorRT QDQ ONNX (*.trt.onnx).")
-@click.option("--device-profile", required=True,
+@click.option("--model", required=True, help="TensorRT QDQ ONNX (*.trt.onnx).",
+              type=StudentOnnx(student=False, refuse_target="onnxruntime-cpu",
+                               hint="give the *.trt.onnx written by `distillery export int8`"))
+@click.option("--device-profile", required=True, type=Config("device-profile"),
               help="Device profile: a YAML file or a shipped name (jetson-orin-nx, rtx-server, ...; distillery configs list).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=Output(folder=False, example="student.orin.engine"))
 @_errors
 def export_engine_cmd(model, device_profile, out):
     """Build a strongly typed TensorRT engine on this (GPU) machine, with a manifest beside it."""
-    from distillery.engine.config import resolve_config
     from distillery.export.tensorrt import DeviceProfile, build_engine
 
-    profile = DeviceProfile.load(resolve_config("device-profile", device_profile))
+    profile = DeviceProfile.load(device_profile)
     try:
         m = build_engine(model, profile, out)
     except RuntimeError as e:
@@ -109,14 +111,16 @@ def export_engine_cmd(model, device_profile, out):
 
 
 @export.command("check")
-@click.option("--model", "pt", type=click.Path(dir_okay=False, exists=True), default=None, help="PyTorch checkpoint.")
-@click.option("--onnx", "fp32", type=click.Path(dir_okay=False, exists=True), default=None, help="FP32 ONNX.")
-@click.option("--int8", "int8", type=click.Path(dir_okay=False, exists=True), default=None, help="INT8 ONNX (CPU artifact).")
-@click.option("--gt", "gt_path", required=True, type=click.Path(dir_okay=False, exists=True))
-@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--model", "pt", type=Checkpoint(), default=None, help="PyTorch checkpoint.")
+@click.option("--onnx", "fp32", type=StudentOnnx(), default=None, help="FP32 ONNX.")
+@click.option("--int8", "int8", default=None, help="INT8 ONNX (CPU artifact).",
+              type=StudentOnnx(refuse_target="tensorrt", hint="give the CPU INT8 .onnx written by `distillery export int8` "
+                                                               "(its *.trt.onnx is for TensorRT)"))
+@click.option("--gt", "gt_path", required=True, type=CocoJson())
+@click.option("--images", "images_dir", required=True, type=ImageFolder())
 @click.option("--imgsz", type=click.IntRange(min=32), default=None, help="Default: the ONNX's input size, else 640.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N GT images only.")
-@click.option("--out", type=click.Path(), default=None, help="Write the report JSON here.")
+@click.option("--out", type=Output(folder=False, example="check.json"), default=None, help="Write the report JSON here.")
 @_errors
 def export_check_cmd(pt, fp32, int8, gt_path, images_dir, imgsz, limit, out):
     """PyTorch vs FP32 ONNX vs INT8 ONNX on the same images: mAP, INT8 agreement, latency."""

@@ -131,12 +131,17 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
         "excluded_nodes": n}``.
 
     Raises:
-        CalibrationError: no calibration image could be read; ValueError: bad method or shape.
+        CalibrationError: no calibration image could be read; ValueError: bad method or shape,
+        or ``onnx_in`` is not a segmentation student's ONNX
+        (:class:`distillery.engine.filekinds.FileKindError`).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from distillery.engine.filekinds import onnx_model
+
+    onnx_model(onnx_in, "model")
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method {method!r} unknown; use one of {CALIBRATION_METHODS}")
     m = onnx.load(str(onnx_in), load_external_data=False)

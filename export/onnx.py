@@ -61,14 +61,16 @@ def export_onnx(model: str | Path, out: str | Path, imgsz: int = 640, batch: int
     in a run directory), ``distillery_head`` (the node-name prefix of the detection/mask head).
 
     Raises:
-        ValueError: ``imgsz`` not a multiple of 32 or ``batch`` invalid; FileNotFoundError: no model.
+        ValueError: ``imgsz`` not a multiple of 32 or ``batch`` invalid, or ``model`` missing or
+        not an ultralytics segmentation checkpoint
+        (:class:`distillery.engine.filekinds.FileKindError`).
     """
     import onnx
     from ultralytics import YOLO
 
-    model = Path(model)
-    if not model.is_file():
-        raise FileNotFoundError(f"model {model} not found")
+    from distillery.engine.filekinds import ultralytics_checkpoint
+
+    model = ultralytics_checkpoint(model, "model")
     if imgsz % 32:
         raise ValueError(f"--imgsz must be a multiple of 32 (the model's stride), got {imgsz}")
     dynamic = batch == "dynamic"

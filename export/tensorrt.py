@@ -122,10 +122,13 @@ def build_engine(onnx_path: str | Path, profile: DeviceProfile, out: str | Path)
 
     Raises:
         RuntimeError: no GPU / TensorRT, or the ONNX does not parse or build (TensorRT's errors
-        are included); ValueError: the ONNX input shape does not match the profile.
+        are included); ValueError: not an ONNX model, or its input shape does not match the profile.
     """
     import onnx
 
+    from distillery.engine.filekinds import onnx_model
+
+    onnx_model(onnx_path, "model", student=False, hint="give the *.trt.onnx written by `distillery export int8`")
     rt = runtime_info()
     import tensorrt as trt
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from distillery.engine.cli_errors import UserError, fail_cleanly
+from distillery.engine.cli_types import CocoJson, Config, ImageFolder, ImageSource, Output, Store
 from distillery.engine.images import DEFAULT_MAX_PIXELS
 
 def _valid_name(ctx, param, value):
@@ -32,11 +33,12 @@ def name_option(what: str = "label set"):
 
 
 @click.command("label")
-@click.argument("sources", nargs=-1, required=True)
+@click.argument("sources", nargs=-1, required=True, type=ImageSource())
 @click.option("--classes", help='Comma-separated class names, each its own prompt: "person,car,traffic light".')
-@click.option("--ontology", "ontology_path", help="YAML mapping prompt: class, or a shipped name (coco80).")
-@click.option("--store", required=True, type=click.Path(file_okay=False), help="Label store directory.")
-@click.option("--teachers", "preset_path", default="default", show_default=True,
+@click.option("--ontology", "ontology_path", type=Config("ontology"),
+              help="YAML mapping prompt: class, or a shipped name (coco80).")
+@click.option("--store", required=True, type=Store(must_exist=False), help="Label store directory (new or existing).")
+@click.option("--teachers", "preset_path", default="default", show_default=True, type=Config("teachers"),
               help="Teachers preset: a YAML file or a shipped name (distillery configs list).")
 @click.option("--runner", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
               help="ray: Ray Data pipeline; local: same stages in this process.")
@@ -67,15 +69,11 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
     from distillery.labeling.ontology import Ontology, OntologyError
     from distillery.labeling.teachers import PresetError, TeacherPreset, labelset_spec, teacher_stages
 
-    from distillery.engine.config import ConfigError, resolve_config
-
     if bool(classes) == bool(ontology_path):
         raise UserError("give exactly one of --classes or --ontology")
-    try:
-        ontology_path = resolve_config("ontology", ontology_path) if ontology_path else None
-        preset_path = resolve_config("teachers", preset_path)
-    except ConfigError as e:
-        raise UserError(str(e)) from e
+    paths = list_sources(sources)  # before any model or tokenizer loads
+    if not paths:
+        raise UserError(f"no images found in {', '.join(sources)} (suffixes .jpg .jpeg .png .bmp .webp .tif .gif)")
     try:
         onto = Ontology.from_classes(classes) if classes else Ontology.load(ontology_path)
     except OntologyError as e:
@@ -87,9 +85,6 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
         raise UserError(str(e)) from e
     except OntologyError as e:
         raise UserError(f"{ontology_path or '--classes'}: {e}") from e
-    paths = list_sources(sources)
-    if not paths:
-        raise UserError(f"no images found in {', '.join(sources)} (suffixes .jpg .jpeg .png .bmp .webp .tif .gif)")
     ls = LabelStore(store).create(labelset_spec(onto, preset), extra={"teachers_preset": preset.to_dict()}, name=name)
     click.echo(f"label set {ls.id}: {len(paths)} images, {len(onto.classes)} classes in {chunks} prompt "
                f"chunk(s), store {store}")
@@ -124,7 +119,7 @@ def labels() -> None:
 
 
 @labels.command("info")
-@click.option("--store", required=True, type=click.Path(file_okay=False))
+@click.option("--store", required=True, type=Store())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--errors", "list_errors", is_flag=True, help="Also list every error record: path and reason.")
 @fail_cleanly
@@ -169,7 +164,7 @@ def labels_info(store, as_json, list_errors):
 
 
 @labels.command("export")
-@click.option("--store", required=True, type=click.Path(file_okay=False))
+@click.option("--store", required=True, type=Store())
 @click.option("--labelset", default=None, metavar="NAME|ID",
               help="Label set name, id or unique id prefix (default: the store's only one).")
 @click.option("--format", "fmt", type=click.Choice(["coco", "yolo-seg"]), required=True)
@@ -189,6 +184,10 @@ def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite)
     """
     from distillery.engine.store import LabelStore
 
+    if fmt == "coco" and Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder; --format coco writes a .json file (e.g. labels.json)")
+    if fmt == "yolo-seg" and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file; --format yolo-seg writes a folder (e.g. yolo/)")
     ls = LabelStore(store).open(labelset)
     if fmt == "coco":
         from distillery.labeling.coco import records_to_coco
@@ -207,9 +206,10 @@ def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite)
 
 
 @labels.command("import")
-@click.option("--coco", "coco_path", required=True, type=click.Path(dir_okay=False, exists=True))
-@click.option("--images", "images_dir", required=True, type=click.Path(file_okay=False, exists=True))
-@click.option("--store", required=True, type=click.Path(file_okay=False))
+@click.option("--coco", "coco_path", required=True, type=CocoJson(), help="COCO instances JSON.")
+@click.option("--images", "images_dir", required=True, type=ImageFolder(),
+              help="The folder the COCO file_name entries are relative to.")
+@click.option("--store", required=True, type=Store(must_exist=False), help="Label store directory (new or existing).")
 @name_option()
 @fail_cleanly
 def labels_import(coco_path, images_dir, store, name):
@@ -259,7 +259,7 @@ def teachers() -> None:
 
 
 @teachers.command("tiny")
-@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=Output(folder=True, example="teachers/"))
 @click.option("--seed", type=int, default=0, show_default=True)
 def teachers_tiny(out_dir, seed):
     """Write tiny RANDOM-WEIGHT Grounding DINO and SAM teachers plus a preset to OUT_DIR.

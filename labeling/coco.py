@@ -254,11 +254,21 @@ def import_coco(store: LabelStore, coco_path: str, images_dir: str, shard_size: 
     set and import stats (images, instances, crowd, errors).
 
     Raises:
-        CocoError: unreadable file or bad content. ValueError / StoreError: a bad or taken name.
+        CocoError: the file is not a COCO instances file, or none of its images is in
+            ``images_dir`` (nothing is created then).
+        ValueError / StoreError: a bad or taken name.
     """
     from distillery.labeling.teachers import file_sha256
 
     coco = load_coco(coco_path)
+    validate_coco(coco)
+    base = Path(images_dir)
+    if coco["images"] and not any(os.path.lexists(base / im["file_name"]) for im in coco["images"]):
+        raise CocoError(
+            f"none of the {len(coco['images'])} images of {coco_path} is in {images_dir} (e.g. "
+            f"{base / coco['images'][0]['file_name']} does not exist); give the folder its file_name entries are "
+            "relative to"
+        )
     classes, records, stats = coco_to_records(coco, images_dir)
     spec = {
         "kind": "import",

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from distillery.engine.cli_errors import fail_cleanly
+from distillery.engine.cli_types import CocoJson, ImageFolder, Output, Store, StudentModel, TrainModel
 
 
 _errors = fail_cleanly
@@ -27,17 +28,17 @@ def _class_thresholds(values) -> dict:
 
 
 @click.command("train")
-@click.option("--store", required=True, type=click.Path(file_okay=False, exists=True), help="Label store directory.")
+@click.option("--store", required=True, type=Store(), help="Label store directory.")
 @click.option("--labelset", default=None, metavar="NAME|ID",
               help="Label set name, id or unique id prefix (default: the store's only one).")
 @click.option("--curation", "curation", type=click.IntRange(min=0), default=None,
               help="Curation version to apply (default: the latest; 0: none).")
-@click.option("--model", default="yolov8n-seg.yaml", show_default=True,
+@click.option("--model", default="yolov8n-seg.yaml", show_default=True, type=TrainModel(),
               help="ultralytics model YAML (from scratch) or a .pt checkpoint to start from.")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True)
 @click.option("--batch", type=int, default=16, show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory, e.g. runs/NAME.")
+@click.option("--out", required=True, type=Output(folder=True, example="runs/NAME"), help="Run directory, e.g. runs/NAME.")
 @click.option("--min-score", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="Undecided instances at or above this box score are targets.")
 @click.option("--class-min-score", multiple=True, metavar="CLASS=SCORE", help="Per-class override (repeatable).")
@@ -84,16 +85,16 @@ def train_cmd(store, labelset, curation, model, epochs, imgsz, batch, out, min_s
 
 
 @click.command("eval")
-@click.option("--model", "model_path", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Student checkpoint (.pt) to evaluate.")
-@click.option("--images", "images_dir", type=click.Path(file_okay=False, exists=True), default=None,
+@click.option("--model", "model_path", type=StudentModel(), default=None,
+              help="Student checkpoint (.pt), or its ONNX export, to evaluate.")
+@click.option("--images", "images_dir", type=ImageFolder(), default=None,
               help="With --model: folder of the GT images.")
-@click.option("--store", type=click.Path(file_okay=False, exists=True), default=None,
+@click.option("--store", type=Store(), default=None,
               help="Evaluate a label set itself (its pseudo-labels) instead of a model.")
 @click.option("--labelset", default=None, metavar="NAME|ID",
               help="With --store: label set name, id or unique id prefix (default: the store's only one).")
-@click.option("--gt", "gt_path", required=True, type=click.Path(dir_okay=False, exists=True), help="COCO instances JSON.")
-@click.option("--out", required=True, type=click.Path(), help="Report directory.")
+@click.option("--gt", "gt_path", required=True, type=CocoJson(), help="COCO instances JSON.")
+@click.option("--out", required=True, type=Output(folder=True, example="report/"), help="Report directory.")
 @click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True, help="With --model.")
 @click.option("--conf", type=click.FloatRange(0, 1), default=0.001, show_default=True, help="With --model.")
 @click.option("--device", default=None, help="With --model: cpu, 0, ...")

@@ -90,7 +90,10 @@ class TrainTable:
         ignore: bool ``(R,)`` the row is an ignore region (its box; no mask target).
         boxes: float32 ``(R, 4)`` xyxy absolute pixels; ``masks``: ``R`` RLE dicts.
         stats: counts of what the selection did (``kept``, ``ignored``, ``background``,
-            ``rejected``, ``relabeled``, ``crowd_ignored``, ``empty_mask_ignored``, images...).
+            ``rejected``, ``relabeled``, ``crowd_ignored``, ``empty_mask_ignored``, images...)
+            and why (``instances`` seen in the images kept, ``below_min_score``: undecided
+            and under their class threshold, ``outside_classes``: top class not in
+            ``Selection.classes``).
         labelset: id; ``curation_version``: the version applied (0: none).
     """
 
@@ -119,8 +122,9 @@ def build_table(labelset: LabelSet, sel: Selection | None = None, require_train:
     ``ignore_min_score``, background below.
 
     Raises:
-        ValueError: a bad selection setting; StoreError: no such curation version, or no
-        training image left (when ``require_train``).
+        ValueError: a bad selection setting; StoreError: no such curation version, or (when
+        ``require_train``) no training image or no training target left; the message counts
+        what the thresholds and decisions removed.
     """
     t0 = time.perf_counter()
     sel = sel or Selection()
@@ -144,6 +148,7 @@ def build_table(labelset: LabelSet, sel: Selection | None = None, require_train:
     images = {"train": [], "val": []}
     hard, soft, weight, ignore, boxes, masks = [], [], [], [], [], []
     st: Counter = Counter()
+    best_below = None  # highest box score under its class threshold (for the zero-target message)
     C = len(ontology)
     for rec in labelset.iter_records():
         if rec.error is not None:
@@ -156,6 +161,7 @@ def build_table(labelset: LabelSet, sel: Selection | None = None, require_train:
         split = "val" if is_val(rec.image_id, sel.val_fraction) else "train"
         rows = []
         areas = mask_utils.area(rec.masks) if rec.num_instances else []
+        st["instances"] += rec.num_instances
         for k, iid in enumerate(rec.instance_ids):
             score = float(rec.box_score[k])
             top = int(rec.scores[k].argmax()) if C else 0
@@ -167,6 +173,7 @@ def build_table(labelset: LabelSet, sel: Selection | None = None, require_train:
                 continue
             if target is None and decision != "ignore":
                 st["background"] += 1  # a class outside Selection.classes
+                st["outside_classes"] += 1
                 continue
             if decision == "ignore" or rec.iscrowd[k] or areas[k] == 0:
                 why = "ignored" if decision == "ignore" else ("crowd_ignored" if rec.iscrowd[k] else "empty_mask_ignored")
@@ -179,8 +186,13 @@ def build_table(labelset: LabelSet, sel: Selection | None = None, require_train:
                 kind, why = "keep", "kept"
             elif score >= sel.ignore_min_score:
                 kind, why = "ignore", "ignored"
+                best_below = max(score, best_below or 0.0)
+                st["below_min_score"] += 1
+                st["ignored_below_min_score"] += 1
             else:
+                best_below = max(score, best_below or 0.0)
                 st["background"] += 1
+                st["below_min_score"] += 1
                 continue
             st[why] += 1
             if split == "val" and kind == "ignore":
@@ -200,6 +212,9 @@ def build_table(labelset: LabelSet, sel: Selection | None = None, require_train:
     if require_train and not images["train"]:
         raise StoreError(f"label set {labelset.id}: no training images after selection ({dict(st)}); "
                          "lower --min-score, check curation decisions, or lower --val-fraction")
+    if require_train and not any(hard[r] >= 0 for _, _, rows in images["train"] for r in rows):
+        raise StoreError(f"label set {labelset.id}: no training targets after selection: "
+                         f"{removed_summary(st, sel, best_below)}")
     return TrainTable(
         names=keep_cls, images=images,
         hard=np.asarray(hard, np.int64), soft=np.asarray(soft, np.float32).reshape(-1, len(keep_cls)),
@@ -318,6 +333,24 @@ class StoreSegDataset(YOLODataset):
         transforms = super().build_transforms(hyp)
         transforms.transforms[-1].row_is_ignore = self.table.ignore if self.split == "train" else None
         return transforms
+
+
+def removed_summary(st: Counter, sel: Selection, best_below: float | None = None) -> str:
+    """What the selection removed, by reason (``st``: :attr:`TrainTable.stats`), for a run that
+    would have nothing to learn; ``best_below``: the highest box score under its threshold."""
+    thr = f"--min-score {sel.min_score}" + (f" (per class: {', '.join(f'{k}={v}' for k, v in sel.class_min_score.items())})"
+                                            if sel.class_min_score else "")
+    parts = [f"{st['instances']} instances in the images kept: {st['below_min_score']} below {thr} "
+             f"({st['ignored_below_min_score']} of them ignore regions from --ignore-min-score {sel.ignore_min_score}, "
+             f"the rest background{'' if best_below is None else f'; the highest of their box scores is {best_below:.3f}'})",
+             f"{st['rejected']} rejected and {st['ignored'] - st['ignored_below_min_score']} ignored by curation decisions",
+             f"{st['crowd_ignored']} crowd and {st['empty_mask_ignored']} empty-mask ignore regions",
+             f"{st['outside_classes']} outside --classes",
+             f"{st['kept'] + st['relabeled']} targets, all in validation images ({st['val_images']} held out by "
+             f"--val-fraction {sel.val_fraction})" if st["kept"] + st["relabeled"] else "no targets",
+             f"images dropped: {st['images_rejected']} rejected, {st['images_ignored']} ignored, "
+             f"{st['error_images']} errors"]
+    return "; ".join(parts) + "; lower --min-score, review the curation decisions, or choose other --classes"
 
 
 def table_summary(t: TrainTable) -> str:

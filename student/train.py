@@ -40,7 +40,12 @@ def read_data_spec(path: str | Path) -> dict:
 
 class SoftSegmentationTrainer(SegmentationTrainer):
     """ultralytics ``SegmentationTrainer`` over a label store; ``args.data`` is the run's
-    ``data.yaml`` (see :func:`train`)."""
+    ``data.yaml`` (see :func:`train`). ``table``: the training selection already built from
+    that file (else it is built here)."""
+
+    def __init__(self, *args, table: TrainTable | None = None, **kwargs):
+        self._prebuilt = table
+        super().__init__(*args, **kwargs)
 
     def get_dataset(self):
         spec = read_data_spec(self.args.data)
@@ -48,7 +53,7 @@ class SoftSegmentationTrainer(SegmentationTrainer):
         ls = store.open(spec["labelset"])
         sel = Selection(**{**spec["selection"], "classes": tuple(spec["selection"]["classes"])
                            if spec["selection"].get("classes") else None})
-        self.table: TrainTable = build_table(ls, sel)
+        self.table: TrainTable = self._prebuilt if self._prebuilt is not None else build_table(ls, sel)
         self.val_table = None
         if spec.get("val_labelset"):
             gt = store.open(spec["val_labelset"])
@@ -142,14 +147,23 @@ def train(store: str | Path, out: str | Path, model: str = "yolov8n-seg.yaml", l
         train_args: any ultralytics train argument (epochs, imgsz, batch, seed, mosaic...).
 
     Raises:
-        StoreError / ValueError: bad store, label set or settings; FileExistsError: ``out``
-        already holds a run and ``resume`` is False.
+        StoreError / ValueError: bad store, label set or settings, a selection with no
+        training target (the message counts what removed them), a ``model`` that is not an
+        ultralytics segmentation YAML or checkpoint, or a ``resume`` of a run that finished;
+        FileExistsError: ``out`` already holds a run and ``resume`` is False.
     """
+    from distillery.engine.filekinds import checkpoint_progress, model_config
+
     out = Path(out).resolve()
     last = out / "weights" / "last.pt"
     if resume:
         if not last.is_file():
             raise FileNotFoundError(f"nothing to resume: {last} does not exist")
+        epoch, epochs = checkpoint_progress(last)
+        if epoch < 0 or (epochs is not None and epoch + 1 >= epochs):  # ultralytics sets -1 when a run ends
+            raise ValueError(f"run {out} finished{f' its {epochs} epochs' if epochs else ''}; nothing to resume. To "
+                             f"train more, start a new run from its weights: distillery train --model {last} "
+                             "--out NEW_RUN_DIR (with the store and settings you want)")
         trainer = SoftSegmentationTrainer(overrides={"resume": str(last)})
         for event, fn in (callbacks or {}).items():
             trainer.add_callback(event, fn)
@@ -157,10 +171,11 @@ def train(store: str | Path, out: str | Path, model: str = "yolov8n-seg.yaml", l
         return out
     if last.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    model_config(str(model), "model")
     st = LabelStore(store)
     ls = st.open(labelset)
     sel = selection or Selection()
-    sel.check(ls.classes)
+    table = build_table(ls, sel)  # refuses a selection with nothing to learn, before anything is written
     if val_labelset:
         val_labelset = st.open(val_labelset).id
     out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +193,7 @@ def train(store: str | Path, out: str | Path, model: str = "yolov8n-seg.yaml", l
     (out / DATA_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
     overrides = {"model": str(model), "data": str(out / DATA_FILE), "project": str(out.parent), "name": out.name,
                  "exist_ok": True, "task": "segment", **train_args}
-    trainer = SoftSegmentationTrainer(overrides=overrides)
+    trainer = SoftSegmentationTrainer(overrides=overrides, table=table)
 
     def record(tr):
         t = tr.table

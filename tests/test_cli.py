@@ -40,6 +40,9 @@ def test_cli_user_errors_are_clear(tmp_path, tiny_teachers):
                           "--teachers", str(tmp_path / "none.yaml")])
     assert out.exit_code == 1 and "none.yaml" in out.output and "neither a file nor a shipped teachers preset" in out.output
     out = r.invoke(main, ["labels", "export", "--store", str(tmp_path / "empty"), "--format", "coco", "--out", "x.json"])
+    assert out.exit_code == 1 and f"--store {tmp_path / 'empty'} does not exist" in out.output
+    (tmp_path / "empty" / "labelsets").mkdir(parents=True)
+    out = r.invoke(main, ["labels", "export", "--store", str(tmp_path / "empty"), "--format", "coco", "--out", "x.json"])
     assert out.exit_code == 1 and "no label sets" in out.output
     assert "Example" in r.invoke(main, ["label", "--help"]).output
 

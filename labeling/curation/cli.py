@@ -8,44 +8,19 @@ import os
 import click
 
 from distillery.engine.cli_errors import fail_cleanly
+from distillery.engine.cli_types import Config, Output, Store
 
 
 _errors = fail_cleanly
 
 
-def _rules(value):
-    """--rules: a file or a shipped name; None means the default thresholds."""
-    from distillery.engine.config import resolve_config
-
-    return None if value is None else resolve_config("rules", value)
-
-
-def _use_database(ctx, param, value):
-    """Option callback: put --database-dir / --database-uri where FiftyOne reads them (its env
-    vars, read when FiftyOne is first imported). Callbacks of a subcommand run after the
-    group's, so a value given after the subcommand wins."""
-    if value:
-        if param.name == "database_dir":
-            os.environ["FIFTYONE_DATABASE_DIR"] = os.path.abspath(os.path.expanduser(value))
-        else:
-            os.environ["FIFTYONE_DATABASE_URI"] = value
-    return value
-
-
-def database_options(fn):
-    """--database-dir and --database-uri, accepted on the ``curate`` group and on every subcommand."""
-    fn = click.option("--database-uri", envvar="FIFTYONE_DATABASE_URI", default=None, expose_value=False,
-                      callback=_use_database,
-                      help="Use an existing MongoDB instead of FiftyOne's own (env FIFTYONE_DATABASE_URI).")(fn)
-    return click.option("--database-dir", envvar="FIFTYONE_DATABASE_DIR", type=click.Path(file_okay=False),
-                        default=None, expose_value=False, callback=_use_database,
-                        help="Where FiftyOne's MongoDB keeps its files (env FIFTYONE_DATABASE_DIR; FiftyOne's "
-                             "default: ~/.fiftyone/var/lib/mongo).")(fn)
-
-
 @click.group()
-@database_options
-def curate() -> None:
+@click.option("--database-dir", envvar="FIFTYONE_DATABASE_DIR", type=Output(folder=True, example="~/.fiftyone/var/lib/mongo"),
+              default=None, help="Where FiftyOne's MongoDB keeps its files (env FIFTYONE_DATABASE_DIR; FiftyOne's default: "
+                   "~/.fiftyone/var/lib/mongo).")
+@click.option("--database-uri", envvar="FIFTYONE_DATABASE_URI", default=None,
+              help="Use an existing MongoDB instead of FiftyOne's own (env FIFTYONE_DATABASE_URI).")
+def curate(database_dir, database_uri) -> None:
     """Curate pseudo-labels in FiftyOne; decisions go back to the store as a versioned layer.
 
     \b
@@ -61,11 +36,11 @@ def curate() -> None:
 
 @curate.command("sync")
 @database_options
-@click.option("--store", required=True, type=click.Path(file_okay=False, exists=True), help="Label store directory.")
+@click.option("--store", required=True, type=Store(), help="Label store directory.")
 @click.option("--labelset", default=None, metavar="NAME|ID",
               help="Label set name, id or unique id prefix (default: the dataset's, else the store's only one).")
 @click.option("--dataset", "name", required=True, help="FiftyOne dataset name (created if new, persistent).")
-@click.option("--rules", "rules_path", default=None,
+@click.option("--rules", "rules_path", default=None, type=Config("rules"),
               help="Curation rules: a YAML file or a shipped name (default). Thresholds for score bands and review signals (default thresholds otherwise).")
 @click.option("--no-phash", is_flag=True, help="Skip perceptual hashes (no near-duplicate view; no image decoding).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -81,9 +56,10 @@ def curate_sync(store, labelset, name, rules_path, no_phash, quiet):
     from distillery.labeling.curation.database import bound_labelset
     from distillery.labeling.curation.sync import sync
 
+    cfg = CurationConfig.load(rules_path)  # before the database is touched
     # an existing dataset already names its label set
     ls = LabelStore(store).open(labelset or bound_labelset(name))
-    s = sync(ls, name, CurationConfig.load(_rules(rules_path)), with_phash=not no_phash, progress=not quiet)
+    s = sync(ls, name, cfg, with_phash=not no_phash, progress=not quiet)
     click.echo(
         f"dataset {s.dataset} <- label set {s.labelset}: {s.added} added, {s.updated} updated, {s.unchanged} unchanged "
         f"images (written: {s.instances} instances, {s.errors} error images, {s.restored_decisions} decisions "
@@ -138,7 +114,7 @@ def curate_app(name, port, host, view_name):
 @curate.command("rules")
 @database_options
 @click.option("--dataset", "name", required=True)
-@click.option("--rules", "rules_path", required=True,
+@click.option("--rules", "rules_path", required=True, type=Config("rules"),
               help="Curation rules: a YAML file or a shipped name (default; `distillery configs show default --kind rules`).")
 @click.option("--overwrite-manual", is_flag=True, help="Also replace decisions people set in the App.")
 @_errors
@@ -151,8 +127,9 @@ def curate_rules(name, rules_path, overwrite_manual):
     from distillery.labeling.curation.database import open_dataset
     from distillery.labeling.curation.rules import apply_rules
 
+    cfg = CurationConfig.load(rules_path)  # before the database is touched
     ds = open_dataset(name)
-    counts = apply_rules(ds, CurationConfig.load(_rules(rules_path)), overwrite_manual)
+    counts = apply_rules(ds, cfg, overwrite_manual)
     click.echo(
         "rules set: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("accept", "reject", "ignore", "none"))
         + f"; manual decisions kept: {counts.get('manual_kept', 0)}"
@@ -164,7 +141,7 @@ def curate_rules(name, rules_path, overwrite_manual):
 @curate.command("commit")
 @database_options
 @click.option("--dataset", "name", required=True)
-@click.option("--store", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--store", required=True, type=Store())
 @_errors
 def curate_commit(name, store):
     """Write the dataset's decisions to the store as a new curation version.
@@ -187,11 +164,12 @@ def curate_commit(name, store):
 
 @curate.command("report")
 @database_options
-@click.option("--store", required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--store", required=True, type=Store())
 @click.option("--labelset", default=None, metavar="NAME|ID",
               help="Label set name, id or unique id prefix (default: the store's only one).")
-@click.option("--out", required=True, type=click.Path(), help="Directory for the PNGs and report.json.")
-@click.option("--rules", "rules_path", default=None,
+@click.option("--out", required=True, type=Output(folder=True, example="report/"),
+              help="Directory for the PNGs and report.json.")
+@click.option("--rules", "rules_path", default=None, type=Config("rules"),
               help="Curation rules (a YAML file or a shipped name) whose score bands are drawn (default thresholds otherwise).")
 @_errors
 def curate_report(store, labelset, out, rules_path):
@@ -204,7 +182,7 @@ def curate_report(store, labelset, out, rules_path):
     from distillery.labeling.curation.report import write_report
 
     ls = LabelStore(store).open(labelset)
-    cfg = CurationConfig.load(_rules(rules_path))
+    cfg = CurationConfig.load(rules_path)
     cfg.check_classes(ls.classes, str(rules_path))
     nums = write_report(ls, out, cfg)
     d = nums["decisions"]

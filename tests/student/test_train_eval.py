@@ -62,6 +62,8 @@ def test_train_resume_and_plain_checkpoint(gt_store, tmp_path):
         train(d / "store", out, **TINY)
     train(d / "store", out, resume=True)
     assert len((out / "results.csv").read_text().strip().splitlines()) == 3  # epoch 2 appended
+    with pytest.raises(ValueError, match=f"run {out} finished its 2 epochs; nothing to resume.*--model {out}/weights/last.pt"):
+        train(d / "store", out, resume=True)
     model = YOLO(str(out / "weights" / "best.pt"))  # plain ultralytics loads it
     assert model.names == {0: "person", 1: "dog"}
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
