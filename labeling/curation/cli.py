@@ -14,13 +14,33 @@ from distillery.engine.cli_types import Config, Output, Store
 _errors = fail_cleanly
 
 
+def _use_database(ctx, param, value):
+    """Option callback: put --database-dir / --database-uri where FiftyOne reads them (its env
+    vars, read when FiftyOne is first imported). Callbacks of a subcommand run after the
+    group's, so a value given after the subcommand wins."""
+    if value:
+        if param.name == "database_dir":
+            os.environ["FIFTYONE_DATABASE_DIR"] = os.path.abspath(os.path.expanduser(value))
+        else:
+            os.environ["FIFTYONE_DATABASE_URI"] = value
+    return value
+
+
+def database_options(fn):
+    """--database-dir and --database-uri, accepted on the ``curate`` group and on every subcommand."""
+    fn = click.option("--database-uri", envvar="FIFTYONE_DATABASE_URI", default=None, expose_value=False,
+                      callback=_use_database,
+                      help="Use an existing MongoDB instead of FiftyOne's own (env FIFTYONE_DATABASE_URI).")(fn)
+    return click.option("--database-dir", envvar="FIFTYONE_DATABASE_DIR",
+                        type=Output(folder=True, example="~/.fiftyone/var/lib/mongo"),
+                        default=None, expose_value=False, callback=_use_database,
+                        help="Where FiftyOne's MongoDB keeps its files (env FIFTYONE_DATABASE_DIR; FiftyOne's "
+                             "default: ~/.fiftyone/var/lib/mongo).")(fn)
+
+
 @click.group()
-@click.option("--database-dir", envvar="FIFTYONE_DATABASE_DIR", type=Output(folder=True, example="~/.fiftyone/var/lib/mongo"),
-              default=None, help="Where FiftyOne's MongoDB keeps its files (env FIFTYONE_DATABASE_DIR; FiftyOne's default: "
-                   "~/.fiftyone/var/lib/mongo).")
-@click.option("--database-uri", envvar="FIFTYONE_DATABASE_URI", default=None,
-              help="Use an existing MongoDB instead of FiftyOne's own (env FIFTYONE_DATABASE_URI).")
-def curate(database_dir, database_uri) -> None:
+@database_options
+def curate() -> None:
     """Curate pseudo-labels in FiftyOne; decisions go back to the store as a versioned layer.
 
     \b
