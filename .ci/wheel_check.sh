@@ -20,8 +20,14 @@ for name in $TOP; do
 done
 
 echo "== wheel check: install into a fresh venv"
-python3 -m venv "$WORK/venv"
-"$WORK/venv/bin/pip" install -q "$WHEEL" 2>&1 | grep -v "^WARNING: Location" || true
+if [ -n "${DISTILLERY_WHEEL_VENV:-}" ]; then
+  # developers only: reuse a venv that already holds the dependencies; the wheel is still reinstalled
+  ln -s "$DISTILLERY_WHEEL_VENV" "$WORK/venv"
+  "$WORK/venv/bin/pip" install -q --no-deps --force-reinstall "$WHEEL" 2>&1 | grep -v "^WARNING: Location" || true
+else
+  python3 -m venv "$WORK/venv"
+  "$WORK/venv/bin/pip" install -q "$WHEEL" 2>&1 | grep -v "^WARNING: Location" || true
+fi
 # from outside the repository: its distillery/ folder would shadow the installed package
 (cd "$WORK" && "$WORK/venv/bin/python" -c "import distillery.engine")
 SITE="$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
@@ -41,9 +47,10 @@ cp export.py engine.py
 D="$WORK/venv/bin/distillery"
 "$D" --help >/dev/null
 "$D" configs list
-"$D" configs show coco80 | head -3
+"$D" configs show coco80 > coco80.yaml && grep -c ': ' coco80.yaml
 "$D" teachers tiny teachers
-ls "$COCO128"/images/*.jpg | head -4 > four.txt
+IMAGES=("$COCO128"/images/*.jpg)
+printf '%s\n' "${IMAGES[@]:0:4}" > four.txt
 "$D" label four.txt --ontology coco80 --teachers teachers/teachers.yaml --store store --quiet
 "$D" labels export --store store --format coco --out store/four.json
 "$WORK/venv/bin/python" - <<'PY'
