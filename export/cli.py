@@ -85,8 +85,7 @@ def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, he
         q = qdq_counts(r[target])
         click.echo(f"{target:9} {r[target]}: {q['QuantizeLinear']} QuantizeLinear / {q['DequantizeLinear']} "
                    f"DequantizeLinear, activations {'/'.join(q['activation_zero_point_dtypes'])}")
-    click.echo(f"calibrated on {r['calibration_images']} images ({method}); {r['excluded_nodes']} nodes kept in FP32"
-               + (f"; unreadable, skipped: {len(r['skipped'])}" if r["skipped"] else ""))
+    click.echo(f"calibrated on {r['calibration_images']} images ({method}); {r['excluded_nodes']} nodes kept in FP32")
 
 
 @export.command("engine")

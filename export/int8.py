@@ -10,11 +10,21 @@ gives two artifacts:
   slow path; measured on yolov8n-seg at 320: 2.4x slower than FP32).
 * **TensorRT** (``*.trt.onnx`` beside it): weights and activations signed INT8, symmetric
   (zero point 0), as TensorRT's explicit quantization requires (TensorRT 11 has no implicit
-  INT8: engines are built from Q/DQ ONNX, see ``distillery.export.tensorrt``).
+  INT8: engines are built from Q/DQ ONNX, see ``distillery.export.tensorrt``). Biases stay
+  FP32 (``QuantizeBias: False``): TensorRT's ONNX parser rejects a Conv bias from an INT32
+  ``DequantizeLinear`` (onnx/onnx-tensorrt#850, NVIDIA/TensorRT#3360) and folds FP32 biases
+  itself. The CPU artifact keeps INT32 biases, which ONNX Runtime needs to fuse ``QLinearConv``.
 
 The detection/mask head (ONNX node names under ``distillery_head``, e.g. ``/model.22/``)
 stays FP32 by default: box coordinates and class scores share one output tensor, and so
-one scale, which leaves no usable score resolution when quantized.
+one scale, which leaves no usable score resolution when quantized. A node kept in FP32 also
+reads FP32 inputs: where ONNX Runtime shares a Q/DQ pair between a quantized consumer and an
+excluded one (the neck outputs that feed both the next neck layer and the head), the excluded
+node is rewired to the tensor before the pair (:func:`_fp32_inputs_for_excluded`).
+
+Calibration images are all read (with :func:`distillery.export.onnx.preprocess`) before
+calibrating: one unreadable file is a :class:`CalibrationError` naming it, never a
+calibration on fewer images than asked for.
 """
 
 from __future__ import annotations
@@ -32,7 +42,8 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 class CalibrationError(ValueError):
-    """Too few calibration images, or none readable; the message says what to change."""
+    """Fewer usable calibration images than asked for (too few in the source, or some that
+    cannot be read, named in the message); the message says what to change."""
 
 
 def calibration_images(labelset: LabelSet | None = None, folder: str | None = None, n: int = 512,
@@ -72,17 +83,76 @@ def _reader(paths: list[str], input_name: str, imgsz: int):
 
         def __init__(self):
             self.it = iter(paths)
-            self.skipped: list[str] = []
 
         def get_next(self):
-            for p in self.it:
-                try:
-                    return {input_name: preprocess(p, imgsz)}
-                except ValueError:
-                    self.skipped.append(p)
-            return None
+            p = next(self.it, None)
+            if p is None:
+                return None
+            try:
+                return {input_name: preprocess(p, imgsz)}
+            except ValueError as e:  # readable a moment ago (check_readable): changed since
+                raise CalibrationError(f"calibration image {e}; calibration stopped") from e
 
     return Reader()
+
+
+def check_readable(paths: list[str], imgsz: int) -> None:
+    """Read every calibration image with the inference preprocessing
+    (:func:`distillery.export.onnx.preprocess`), before calibrating.
+
+    Raises:
+        CalibrationError: naming the files that cannot be read (all of them, the first 10 in
+            the message), since calibrating on the rest would use fewer images than asked for.
+    """
+    bad = []
+    for p in paths:
+        try:
+            preprocess(p, imgsz)
+        except ValueError:
+            bad.append(str(p))
+    if bad:
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise CalibrationError(
+            f"{len(bad)} of the {len(paths)} calibration images cannot be read as images: {', '.join(bad[:10])}{more}; "
+            "replace or remove them (INT8 never calibrates on fewer images than --calib-images)"
+        )
+
+
+def _fp32_inputs_for_excluded(model, excluded: set[str]) -> int:
+    """Rewire each excluded node's activation inputs that come through a ``QuantizeLinear`` ->
+    ``DequantizeLinear`` pair to the FP32 tensor before the pair, then drop pairs left
+    without consumers. Edits the ``onnx.ModelProto`` in place; returns the inputs rewired.
+
+    ONNX Runtime's QDQ quantizer gives a tensor one Q/DQ pair that every consumer reads,
+    excluded nodes included (``DedicatedQDQPair`` splits pairs among quantized consumers only).
+    """
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    rewired = 0
+    for node in graph.node:
+        if node.name not in excluded:
+            continue
+        for k, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[k] = q.input[0]
+                rewired += 1
+    outputs = {o.name for o in graph.output}
+    dropped_inputs: set[str] = set()
+    while True:
+        consumed = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in consumed for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            dropped_inputs.update(n.input[1:])
+            graph.node.remove(n)
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name in dropped_inputs and i.name not in used]:
+        graph.initializer.remove(init)  # the scales / zero points of dropped pairs
+    return rewired
 
 
 #: Head nodes that may be quantized in ``head="outputs"`` mode: the inner 3x3 convs of the box,
@@ -127,13 +197,16 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
         exclude: more node names to leave unquantized.
 
     Returns:
-        ``{"cpu": path, "tensorrt": path, "calibration_images": n, "skipped": [...],
-        "excluded_nodes": n}``.
+        ``{"cpu": path, "tensorrt": path, "calibration_images": n, "excluded_nodes": n,
+        "fp32_inputs_rewired": {"cpu": n, "tensorrt": n}}`` (the last: excluded nodes' inputs
+        moved off a shared Q/DQ pair, see the module docstring).
 
     Raises:
-        CalibrationError: no calibration image could be read; ValueError: bad method or shape,
-        or ``onnx_in`` is not a segmentation student's ONNX
-        (:class:`distillery.engine.filekinds.FileKindError`).
+        CalibrationError: a calibration image cannot be read (:func:`check_readable`).
+        ValueError: bad method or input shape; a node to keep in FP32 (head or ``exclude``) is
+            not in the graph ONNX Runtime quantizes (``quant_pre_process`` output), naming it.
+        ValueError: ``onnx_in`` is not a segmentation student's ONNX
+            (:class:`distillery.engine.filekinds.FileKindError`).
     """
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -157,29 +230,49 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
     nodes_to_exclude = (head_nodes(onnx_in, keep=keep) if keep_head_fp32 else []) + list(exclude or [])
     cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
           "entropy": CalibrationMethod.Entropy}[method]
+    if not images:
+        raise CalibrationError("no calibration images given")
+    check_readable(images, imgsz)
+    rewired = {}
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(onnx_in), str(pre), skip_symbolic_shape=True)
+        # names come from onnx_in; ONNX Runtime matches them against the pre-processed graph
+        # and silently quantizes any node whose name is not there (renamed or fused)
+        present = {n.name for n in onnx.load(str(pre), load_external_data=False).graph.node}
+        missing = [n for n in dict.fromkeys(nodes_to_exclude) if n not in present]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ValueError(
+                f"{onnx_in}: {len(missing)} node(s) to keep in FP32 are not in the graph being quantized (after "
+                f"onnxruntime's quant_pre_process): {', '.join(missing[:5])}{more}; check --exclude names against "
+                "the ONNX graph (pre-processing may have renamed or fused them)"
+            )
         cache = Path(tmp) / "calibration.json"
-        reader = _reader(images, inp.name, imgsz)
         common = dict(quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
                       nodes_to_exclude=nodes_to_exclude, calibrate_method=cm, calibration_cache_path=cache)
-        quantize_static(str(pre), str(out), reader, activation_type=QuantType.QUInt8,
+        cpu_tmp, trt_tmp = Path(tmp) / "cpu.onnx", Path(tmp) / "trt.onnx"
+        quantize_static(str(pre), str(cpu_tmp), _reader(images, inp.name, imgsz), activation_type=QuantType.QUInt8,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True}, **common)
-        if len(reader.skipped) == len(images):
-            raise CalibrationError(f"none of the {len(images)} calibration images could be read")
-        # the same ranges (from the cache), quantized for TensorRT: signed, symmetric
-        quantize_static(str(pre), str(trt_out), None, activation_type=QuantType.QInt8,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True}, **common)
-    for path, target in ((out, "onnxruntime-cpu"), (trt_out, "tensorrt")):
-        q = onnx.load(str(path))
+        # the same ranges (from the cache), quantized for TensorRT: signed, symmetric, FP32 biases
+        quantize_static(str(pre), str(trt_tmp), None, activation_type=QuantType.QInt8,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+                        **common)
+        out.parent.mkdir(parents=True, exist_ok=True)
         src = {p.key: p.value for p in m.metadata_props}
-        for k, v in {**src, "distillery_int8_target": target, "distillery_calibration": f"{method}, {len(images)} images",
-                     "distillery_head_fp32": str(keep_head_fp32)}.items():
-            q.metadata_props.add(key=k, value=v)
-        onnx.save(q, str(path))
-    return {"cpu": str(out), "tensorrt": str(trt_out), "calibration_images": len(images) - len(reader.skipped),
-            "skipped": reader.skipped, "excluded_nodes": len(nodes_to_exclude)}
+        for tmp_path, path, target in ((cpu_tmp, out, "onnxruntime-cpu"), (trt_tmp, trt_out, "tensorrt")):
+            q = onnx.load(str(tmp_path))
+            rewired[target] = _fp32_inputs_for_excluded(q, set(nodes_to_exclude))
+            meta = {**{p.key: p.value for p in q.metadata_props}, **src, "distillery_int8_target": target,
+                    "distillery_calibration": f"{method}, {len(images)} images", "distillery_head_fp32": str(keep_head_fp32)}
+            del q.metadata_props[:]  # one entry per key (quant_pre_process already copied the input's)
+            for k, v in meta.items():
+                q.metadata_props.add(key=k, value=v)
+            onnx.checker.check_model(q)
+            onnx.save(q, str(path))
+    return {"cpu": str(out), "tensorrt": str(trt_out), "calibration_images": len(images),
+            "excluded_nodes": len(nodes_to_exclude),
+            "fp32_inputs_rewired": {"cpu": rewired["onnxruntime-cpu"], "tensorrt": rewired["tensorrt"]}}
 
 
 def qdq_counts(path: str | Path) -> dict:

@@ -8,10 +8,10 @@ Layout written::
 
 Images are hard-linked or copied, never symlinked: ultralytics finds labels by rewriting
 ``/images/`` to ``/labels/`` in the *resolved* image path, so a symlink loses its labels.
-A YOLO polygon holds one outline: masks with several parts are joined into one polygon
-by ultralytics' own ``merge_multi_segment`` (thin bridges between parts), and holes
-cannot be represented (the training path of the student reads masks from the store
-instead). The class of an instance is its argmax soft score.
+A YOLO polygon holds one outline: every part and hole of a mask is joined into one
+"keyhole" polygon by :func:`distillery.engine.polygons.mask_to_polygon`, the conversion the
+student's training data uses too (pycocotools rasterises it back to the mask exactly). The
+class of an instance is its argmax soft score.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import os
 import shutil
 from pathlib import Path
 
-import cv2
 import numpy as np
 import yaml
 from pycocotools import mask as mask_utils
 
+from distillery.engine.polygons import mask_to_polygon
 from distillery.engine.record import LabelRecord
 from distillery.engine.split import is_val
 from distillery.engine.store import LabelSet
@@ -33,45 +33,20 @@ from distillery.engine.store import LabelSet
 val_split = is_val  # deterministic split by image id (engine.split), shared with the student
 
 
-def mask_to_polygon(mask: np.ndarray) -> np.ndarray:
-    """bool/uint8 ``(H, W)`` mask -> float32 ``(K, 2)`` polygon (x, y pixels) of its outer outline(s).
-
-    Outer contours (``cv2.findContours``, ``RETR_EXTERNAL``, ``CHAIN_APPROX_SIMPLE``: only the
-    end points of straight runs, which loses nothing for pixel outlines); several
-    parts are merged with ``ultralytics.data.converter.merge_multi_segment``. Empty mask ->
-    ``(0, 2)``. Contour points are pixel centres; add 0.5 to compare with pixel edges.
-    """
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    parts = [c.reshape(-1, 2).astype(np.float32) for c in contours if len(c) >= 3]
-    if not parts:
-        return np.zeros((0, 2), np.float32)
-    if len(parts) == 1:
-        return parts[0]
-    from ultralytics.data.converter import merge_multi_segment
-
-    merged = merge_multi_segment([p.reshape(-1).tolist() for p in parts])
-    return np.concatenate(merged, axis=0).reshape(-1, 2).astype(np.float32)
-
-
 def record_to_yolo_lines(rec: LabelRecord, min_score: float = 0.0) -> list[str]:
     """YOLO-seg label lines (``class x1 y1 ... xn yn``, coordinates normalised to [0, 1]).
 
-    A mask too thin for a contour of 3 points (a 1-2 pixel speck or line) is written as
-    the rectangle of its pixels; an empty mask as its box: no instance is dropped.
+    Polygons come from :func:`distillery.engine.polygons.mask_to_polygon` (continuous pixel
+    coordinates, divided by the image width/height); an empty mask is written as its box: no
+    instance is dropped.
     """
     lines = []
     for k in range(rec.num_instances):
         if rec.box_score[k] < min_score or rec.iscrowd[k]:
             continue
-        poly = mask_to_polygon(mask_utils.decode(rec.masks[k]))
-        if len(poly) >= 3:
-            xy = poly + 0.5  # pixel centres -> continuous coordinates (pixel i spans [i, i+1])
-        else:
-            if mask_utils.area(rec.masks[k]):
-                x, y, w, h = mask_utils.toBbox(rec.masks[k])
-                x1, y1, x2, y2 = x, y, x + w, y + h
-            else:
-                x1, y1, x2, y2 = rec.boxes[k]
+        xy = mask_to_polygon(mask_utils.decode(rec.masks[k]))
+        if not len(xy):
+            x1, y1, x2, y2 = rec.boxes[k]
             xy = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], np.float32)
         xy = np.clip(xy / np.array([rec.width, rec.height], np.float32), 0.0, 1.0)
         coords = " ".join(f"{v:.6f}" for v in xy.reshape(-1))

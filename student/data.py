@@ -6,10 +6,10 @@ per-class thresholds, once, in memory (Parquet columns; seconds for 100k images)
 :class:`StoreSegDataset` subclasses ultralytics' ``YOLODataset``: the images are read in place
 from the paths in the store, labels come from the table, so ultralytics' rule of finding
 label files by rewriting ``/images/`` in the resolved path never applies and cannot lose a
-label. Masks travel as store RLE and become polygons only when an image is loaded: every
-outline *and hole* is kept, joined into one "keyhole" polygon by ultralytics'
-``merge_multi_segment`` (zero-width bridges), which ``cv2.fillPoly`` in ultralytics'
-``polygon2mask`` fills back with holes open and all parts present.
+label. Masks travel as store RLE and become polygons only when an image is loaded, by
+:func:`distillery.engine.polygons.mask_to_polygon` (the YOLO-seg export's conversion too): every
+outline *and hole* is kept, joined into one "keyhole" polygon (zero-width bridges), which
+``cv2.fillPoly`` in ultralytics' ``polygon2mask`` fills back with holes open and all parts present.
 
 Training instances carry their global row id in ``cls`` through ultralytics' augmentations
 (every transform filters ``cls`` with the instances); the trainer maps rows to the hard
@@ -22,14 +22,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 from ultralytics.data.augment import Format
-from ultralytics.data.converter import merge_multi_segment
 from ultralytics.data.dataset import YOLODataset
 from ultralytics.utils.instance import Instances
 
+from distillery.engine.polygons import mask_to_polygon
 from distillery.engine.split import is_val
 from distillery.engine.store import LabelSet, StoreError
 
@@ -226,23 +225,6 @@ def build_table(labelset: LabelSet, sel: Selection | None = None, require_train:
 
 # -- masks -> ultralytics segments ----------------------------------------------------------
 
-#: Added to polygon vertices (pixels): ultralytics' ``polygon2mask`` truncates vertices to
-#: int32, and a normalise/denormalise round trip can leave ``59.999999`` for pixel 60.
-_TRUNCATION_GUARD = 1e-3
-
-
-def mask_to_segment(mask: np.ndarray) -> np.ndarray:
-    """bool ``(H, W)`` mask -> float32 ``(K, 2)`` one polygon (x, y pixels) holding every outer
-    outline and hole (``cv2.findContours`` with ``RETR_CCOMP``), joined by
-    ``ultralytics.data.converter.merge_multi_segment``. Empty mask: ``(0, 2)``."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
-    segs = [c.reshape(-1, 2).astype(np.float32) for c in contours if len(c) >= 1]
-    if not segs:
-        return np.zeros((0, 2), np.float32)
-    seg = segs[0] if len(segs) == 1 else np.concatenate(merge_multi_segment([s.tolist() for s in segs]), 0)
-    return seg.astype(np.float32) + _TRUNCATION_GUARD
-
-
 def _box_polygon(box: np.ndarray) -> np.ndarray:
     x0, y0, x1, y1 = box
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
@@ -322,7 +304,7 @@ class StoreSegDataset(YOLODataset):
             if t.ignore[r]:
                 seg = _box_polygon(t.boxes[r])
             else:
-                seg = mask_to_segment(mask_utils.decode(t.masks[r]).astype(bool))
+                seg = mask_to_polygon(mask_utils.decode(t.masks[r]))
                 if not len(seg):
                     seg = _box_polygon(t.boxes[r])
             segs.append(seg / np.array([w, h], np.float32))

@@ -12,7 +12,7 @@ from pycocotools.cocoeval import COCOeval
 
 from distillery.engine.store import LabelStore
 from distillery.labeling.coco import CocoError, align_to_gt, import_coco, records_to_coco, segmentation_to_rle
-from distillery.labeling.yolo import export_yolo_seg, mask_to_polygon
+from distillery.labeling.yolo import export_yolo_seg
 
 
 @pytest.fixture(scope="module")
@@ -71,39 +71,50 @@ def test_reimport_adds_nothing(imported, coco128):
     assert again.id == ls.id and stats["added"] == 0 and ls.counts().images == 128
 
 
-def test_yolo_seg_export_round_trips_masks(imported, tmp_path):
+def _gt_rle(ann, h, w):
+    """A COCO GT annotation's mask, rasterised by pycocotools alone (not by our importer)."""
+    segm = ann["segmentation"]
+    rle = mask_utils.frPyObjects(segm, h, w)
+    return mask_utils.merge(rle) if isinstance(rle, list) else rle
+
+
+def test_yolo_seg_export_round_trips_masks(imported, coco128, coco128_gt, tmp_path):
+    """coco128 GT -> YOLO-seg label files -> polygons rasterised by pycocotools -> IoU with the
+    GT masks (masks of >= 1000 px). Outer outlines through pixel centres (the export before
+    distillery.engine.polygons) measured mean 0.9639, min 0.8591 over these 518 masks; the
+    shared conversion keeps holes and parts on pixel boundaries and measures 1.0000 / 1.0000."""
     ls, _ = imported
     counts = export_yolo_seg(ls, tmp_path / "yolo", val_fraction=0.2)
     data = yaml.safe_load((tmp_path / "yolo" / "data.yaml").read_text())
     assert data["names"][0] == "person" and len(data["names"]) == 80
     assert counts["train"] + counts["val"] == 128 and counts["val"] > 0
     assert counts["instances"] == 939 - 10  # crowds have no YOLO form
+    names = {c["id"]: c["name"] for c in coco128_gt["categories"]}
+    anns = {}
+    for a in coco128_gt["annotations"]:
+        anns.setdefault(a["image_id"], []).append(a)
     ious = []
-    recs = {r.path.rsplit("/", 1)[1].rsplit(".", 1)[0]: r for r in ls.iter_records()}
-    for split in ("train", "val"):
-        for lbl in (tmp_path / "yolo" / "labels" / split).glob("*.txt"):
-            rec = recs[lbl.stem]
-            assert (tmp_path / "yolo" / "images" / split / f"{lbl.stem}.jpg").is_file()
-            keep = [k for k in range(rec.num_instances) if not rec.iscrowd[k]]
-            lines = lbl.read_text().splitlines()
-            assert len(lines) == len(keep)
-            for k, line in zip(keep, lines):
-                v = line.split()
-                assert int(v[0]) == int(rec.scores[k].argmax())
-                xy = np.array(v[1:], float).reshape(-1, 2) * [rec.width, rec.height]
-                rle = mask_utils.merge(mask_utils.frPyObjects([xy.reshape(-1).tolist()], rec.height, rec.width))
-                ious.append(mask_utils.iou([rle], [rec.masks[k]], [0])[0, 0])
+    for im in coco128_gt["images"]:
+        stem = im["file_name"].rsplit(".", 1)[0]
+        split = next(s for s in ("train", "val") if (tmp_path / "yolo" / "labels" / s / f"{stem}.txt").is_file())
+        assert (tmp_path / "yolo" / "images" / split / im["file_name"]).is_file()
+        lines = (tmp_path / "yolo" / "labels" / split / f"{stem}.txt").read_text().splitlines()
+        keep = [a for a in anns.get(im["id"], []) if not a["iscrowd"]]
+        assert len(lines) == len(keep)
+        h, w = im["height"], im["width"]
+        for a, line in zip(keep, lines):  # label lines follow the GT's annotation order
+            v = line.split()
+            assert data["names"][int(v[0])] == names[a["category_id"]]
+            gt = _gt_rle(a, h, w)
+            if mask_utils.area(gt) < 1000:
+                continue
+            xy = np.array(v[1:], float).reshape(-1, 2) * [w, h]
+            rle = mask_utils.merge(mask_utils.frPyObjects([xy.reshape(-1).tolist()], h, w))
+            ious.append(mask_utils.iou([rle], [gt], [0])[0, 0])
     ious = np.array(ious)
-    assert np.median(ious) >= 0.9, np.median(ious)
-
-
-def test_polygon_of_ring_and_two_parts():
-    m = np.zeros((40, 60), np.uint8)
-    m[5:15, 5:15] = 1
-    m[20:35, 30:55] = 1
-    poly = mask_to_polygon(m)
-    assert poly.shape[1] == 2 and len(poly) > 8
-    assert mask_to_polygon(np.zeros((5, 5), np.uint8)).shape == (0, 2)
+    print(f"\nYOLO-seg export vs GT, {len(ious)} masks >= 1000 px: mean IoU {ious.mean():.4f}, min {ious.min():.4f}")
+    assert len(ious) == 518
+    assert ious.mean() >= 0.999 and ious.min() >= 0.99, (ious.mean(), ious.min())
 
 
 def test_bad_coco(tmp_path):

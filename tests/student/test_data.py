@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from distillery.engine.images import content_id
 from distillery.engine.record import LabelRecord
 from distillery.engine.store import CURATION_SCHEMA, LabelStore
-from distillery.student.data import Selection, StoreSegDataset, build_table, mask_to_segment
+from distillery.student.data import Selection, StoreSegDataset, build_table
 
 H, W = 240, 320
 CLASSES = ["cat", "dog"]
@@ -203,11 +203,3 @@ def test_symlinked_image_folder_keeps_every_label(store, tmp_path):
     ds = _dataset(t)
     assert sum(len(lb["cls"]) for lb in ds.labels) == 7
     assert sum(len(ds[i]["cls"]) for i in range(len(ds))) == 7
-
-
-def test_mask_to_segment_empty_and_single():
-    assert mask_to_segment(np.zeros((5, 5), bool)).shape == (0, 2)
-    m = np.zeros((20, 20), bool)
-    m[5:10, 5:15] = True
-    seg = mask_to_segment(m)
-    assert seg[:, 0].min() == pytest.approx(5, abs=0.01) and seg[:, 0].max() == pytest.approx(14, abs=0.01)

@@ -1,0 +1,60 @@
+"""Binary mask -> one polygon, the form YOLO-seg label files and ultralytics' training
+pipeline take (one outline per instance). Shared by the YOLO-seg export
+(``distillery.labeling.yolo``) and the student's training data (``distillery.student.data``),
+so a label file and a training target are the same polygon.
+
+Coordinates are continuous pixels, COCO's convention: pixel ``(row i, col j)`` covers
+``[j, j + 1] x [i, i + 1]`` in ``(x, y)``, its centre is ``(j + 0.5, i + 0.5)``.
+
+Two rasterisers read these polygons back, and they disagree by half a pixel:
+
+* ``pycocotools.mask.frPyObjects`` (COCO polygons, how the GT masks were made) fills a pixel
+  when its centre lies inside the polygon: pixels ``a..b`` of a row need a left edge in
+  ``[a - 0.5, a + 0.5)`` and a right edge in ``[b + 0.5, b + 1.5)``.
+* ultralytics' ``polygon2mask`` (the training target) truncates vertices to int32 and
+  ``cv2.fillPoly`` fills every pixel on or inside the outline: it needs a left edge in
+  ``[a, a + 1)`` and a right edge in ``[b, b + 1)``.
+
+Both hold for edges at ``a + 0.25`` and ``b + 0.75``: the outline of the mask upsampled x2
+(nearest), whose boundary pixel centres sit 0.25 px outside the original boundary pixels'
+centres. The vertices (``cv2.findContours`` on the x2 mask) are mapped back with
+``(p + 0.5) / 2``. Measured on the 518 coco128 GT masks of at least 1000 px: mean IoU 1.0000
+(min 1.0000) rasterised by pycocotools, 0.9992 (min 0.9561, a keyhole bridge that
+``cv2.fillPoly`` fills) by ``polygon2mask``; outer outlines at pixel centres, the
+previous export, gave 0.9639 (min 0.8591) by pycocotools.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from ultralytics.data.converter import merge_multi_segment
+
+
+def mask_to_polygon(mask: np.ndarray) -> np.ndarray:
+    """bool/uint8 ``(H, W)`` mask -> float32 ``(K, 2)`` polygon, ``(x, y)`` continuous pixels
+    (module docstring), holding every part and every hole of the mask.
+
+    The outlines of all parts and holes (``cv2.findContours``, ``RETR_CCOMP``,
+    ``CHAIN_APPROX_SIMPLE``: straight runs keep their end points only, which loses nothing on a
+    pixel grid) are joined into one "keyhole" polygon by ultralytics'
+    ``merge_multi_segment`` (zero-width bridges, as ultralytics' own COCO converter does).
+    Even-odd filling (pycocotools) or ``cv2.fillPoly`` (ultralytics) reopens the holes. Any
+    non-empty mask, a single pixel included, gives ``K >= 4``; an empty mask gives ``(0, 2)``.
+
+    Raises:
+        ValueError: ``mask`` is not 2-D.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask_to_polygon takes one (H, W) mask; got shape {mask.shape}")
+    x0, y0, w, h = cv2.boundingRect(mask.astype(np.uint8))  # work on the mask's box only
+    if w == 0 or h == 0:
+        return np.zeros((0, 2), np.float32)
+    crop = np.ascontiguousarray(mask[y0:y0 + h, x0:x0 + w], dtype=np.uint8)
+    up = cv2.resize(crop, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(up, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    parts = [(c.reshape(-1, 2).astype(np.float32) + 0.5) / 2 + np.array([x0, y0], np.float32) for c in contours]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(merge_multi_segment(parts), axis=0).astype(np.float32)
