@@ -141,7 +141,7 @@ def test_yolo_export_refuses_stale_dir_and_overwrite_replaces(imported, tmp_path
     (lambda c: c.pop("categories"), "'categories' list"),
     (lambda c: c["images"][1].update(id=c["images"][0]["id"]), "given to several images"),
     (lambda c: c["annotations"][0].update(segmentation={"counts": "garbage", "size": [480, 640]}),
-     r"annotation \d+ .*(corrupt|size|decoded)"),
+     r"annotation #\d+ \(id \d+\).*(corrupt|size|decoded)"),
 ])
 def test_import_rejects_malformed_coco(coco128_gt, coco128, tmp_path, edit, message):
     bad = copy.deepcopy(coco128_gt)
