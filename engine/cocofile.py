@@ -73,8 +73,8 @@ def _ref_hint(v, defined: set) -> str:
 def validate_instances(coco) -> None:
     """Check everything an instances dict needs before import or evaluation.
 
-    Checks: ``images``, ``annotations``, ``categories`` lists; images with ``id``, ``file_name``
-    and positive integer ``width``/``height``; categories with ``id`` and ``name``; image and
+    Checks: ``images``, ``annotations``, ``categories`` lists; images with ``id``, a non-empty
+    string ``file_name`` and positive integer ``width``/``height``; categories with ``id`` and ``name``; image and
     category ids unique, each an integer or a non-empty string (not a bool or float); every
     annotation with ``image_id``/``category_id`` that are defined, a ``bbox`` of 4 finite numbers
     with non-negative width and height, and a segmentation (if any) that is a list of polygons
@@ -107,6 +107,8 @@ def validate_instances(coco) -> None:
             raise CocoError(f"{image_name(i, im)} lacks {', '.join(missing)}")
         if not _is_id(im["id"]):
             raise CocoError(f"{image_name(i, im)}: id must be an integer or a non-empty string")
+        if not isinstance(im["file_name"], str) or not im["file_name"]:
+            raise CocoError(f"{image_name(i, im)}: file_name must be a non-empty string")
         if im["id"] in sizes:
             raise CocoError(f"image id {im['id']!r} is given to several images ({image_name(i, im)}); ids must be unique")
         w, h = im["width"], im["height"]

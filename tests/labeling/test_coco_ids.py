@@ -117,6 +117,7 @@ REFUSED = [
     (lambda g: g["images"][1].update(id=None), r"image #1 \(id None, 'b\.png'\): id must be"),
     (lambda g: g["images"][1].update(id=[2]), r"image #1 \(id \[2\], 'b\.png'\): id must be"),
     (lambda g: g["images"][1].update(id=1), r"image id 1 is given to several images \(image #1"),
+    (lambda g: g["images"][1].update(file_name=7), r"image #1 \(id 2, 7\): file_name must be a non-empty string"),
     (lambda g: g["categories"][1].update(id=1), r"category id 1 is given to several categories \(#1, 'dog'\)"),
     (lambda g: g["categories"][1].update(id=""), r"category #1 \('dog'\): id '' must be"),
     (lambda g: g["annotations"][2].update(image_id="2"),
@@ -153,6 +154,13 @@ def test_unmatchable_gt_instances_are_listed_by_eval(images_dir, tmp_path):
     gt["annotations"].append({"id": 9, "image_id": 2, "category_id": 2, "bbox": [50, 50, 5, 5]})  # outside 40x40
     rep = evaluate(gt, [], ["cat", "dog"], image_files=["a.png", "b.png"])
     assert rep["gt_unmatchable"] == ["annotation #3 (id 9): bbox [50, 50, 5, 5] has no area inside the 40x40 image"]
+
+
+def test_eval_refuses_gt_images_that_share_a_file_name(images_dir, tmp_path):
+    gt = base_gt()
+    gt["images"][1]["file_name"] = "other/a.png"
+    with pytest.raises(EvalError, match=r"GT images 'a\.png' and 'other/a\.png' share the file name 'a\.png'"):
+        evaluate(gt, [], ["cat", "dog"], image_files=["a.png"])
 
 
 def run_isolated(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
