@@ -189,6 +189,40 @@ def clip_polygon(poly, height: int, width: int) -> list[list[float]]:
     return out
 
 
+def compressed_runs(counts: bytes) -> list[int]:
+    """The run lengths (zeros first, alternating) of a compressed COCO RLE ``counts`` string.
+
+    The decoding loop of pycocotools' ``rleFrString`` (``common/maskApi.c``): 6-bit characters
+    offset by 48, 5 value bits each, bit 0x20 continues a number, bit 0x10 of its last
+    character is the sign; from the fourth run on a value is a delta to the run two before.
+    pycocotools exposes no run lengths, and its ``decode`` leaves memory uninitialised when
+    the runs fall short of height * width: this is how the total is checked first.
+
+    Raises:
+        CocoError: a character outside ``'0'..'o'`` or a number cut off at the end.
+    """
+    runs, p, n = [], 0, len(counts)
+    while p < n:
+        x = k = 0
+        more = True
+        while more:
+            if p >= n:
+                raise CocoError("compressed RLE counts end inside a number")
+            c = counts[p] - 48
+            if not 0 <= c < 64:
+                raise CocoError(f"compressed RLE counts hold {chr(counts[p])!r}, outside '0'..'o'")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        runs.append(x)
+    return runs
+
+
 def segmentation_to_rle(segm, height: int, width: int) -> dict:
     """Any COCO segmentation (polygons, uncompressed or compressed RLE) -> one compressed RLE
     ``{"size": [height, width], "counts": bytes}`` over the full frame
@@ -219,7 +253,16 @@ def segmentation_to_rle(segm, height: int, width: int) -> dict:
         rle = mask_utils.frPyObjects(segm, height, width)
     else:
         counts = segm["counts"]
+        if isinstance(counts, str) and not counts.isascii():
+            raise CocoError("compressed RLE counts must be an ASCII string")
         rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        try:
+            runs = compressed_runs(rle["counts"])
+        except CocoError as e:
+            raise CocoError(f"RLE counts cannot be decoded: {e}") from None
+        if min(runs, default=0) < 0 or sum(runs) != height * width:
+            raise CocoError(f"RLE counts cannot be decoded: runs sum to {sum(runs)} (negative runs: "
+                            f"{sum(r < 0 for r in runs)}), not height * width = {height * width}")
     try:
         area = int(mask_utils.area({"size": [height, width], "counts": rle["counts"]}))
     except Exception as e:  # noqa: BLE001 - pycocotools raises several types for bad counts

@@ -130,6 +130,8 @@ REFUSED = [
     (lambda g: g["annotations"][0].update(segmentation={"size": [10, 10], "counts": "abc"}),
      r"annotation #0 \(id 1\): segmentation size \[10, 10\] != image \[height, width\] \[48, 64\]"),
     (lambda g: g["annotations"][0].update(bbox=[100, 100, 5, 5]), r"annotation #0 \(id 1\).*no area inside the 64x48"),
+    (lambda g: g["annotations"][0].update(segmentation={"size": [48, 64], "counts": "`0"}),  # runs sum to 16
+     r"annotation #0 \(id 1\).*RLE counts cannot be decoded"),
 ]
 
 
@@ -144,7 +146,12 @@ def test_bad_ids_and_coordinates_are_refused_naming_the_entry(edit, message, ima
     out = CliRunner().invoke(main, ["labels", "import", "--coco", str(p), "--images", str(images_dir),
                                     "--store", str(tmp_path / "s")])
     assert out.exit_code == 1 and "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1
-    if "no area" not in message:  # structure: eval refuses the GT file too, naming it
+    if "no area" in message:  # eval scores it (a miss for every model) and lists it
+        return
+    if "cannot be decoded" in message:  # content: eval refuses it when rasterising
+        with pytest.raises(EvalError, match="GT: " + message):
+            evaluate(load_gt(p), [], ["cat", "dog"], image_files=["a.png"])
+    else:  # structure: eval refuses the GT file as it reads it, naming the file
         with pytest.raises(EvalError, match=f"GT file {p}: " + message):
             load_gt(p)
 
@@ -225,3 +232,19 @@ def test_clipping_keeps_in_frame_pixels_of_any_shape():
     inside = [1, 1, 40, 1, 40, 40]  # within the window: handed on untouched
     assert clip_polygon(inside, 28, 28) == [inside]
     assert mask_utils.area(segmentation_to_rle([[100, 100, 200, 100, 200, 200]], 28, 28)) == 0
+
+
+def test_compressed_runs_match_pycocotools_encoding():
+    """Run lengths read back from pycocotools' own compressed strings: zeros first, alternating,
+    summing to height * width, ones summing to the mask's area."""
+    from distillery.engine.cocofile import compressed_runs
+
+    rng = np.random.default_rng(0)
+    for t in range(200):
+        h, w = (int(v) for v in rng.integers(1, 60, 2))
+        m = (rng.random((h, w)) < rng.random()).astype(np.uint8)
+        m[:] = 0 if t % 5 == 0 else (1 if t % 7 == 0 else m)
+        runs = compressed_runs(mask_utils.encode(np.asfortranarray(m))["counts"])
+        assert sum(runs) == h * w and sum(runs[1::2]) == m.sum() and min(runs) >= 0
+        flat = np.repeat(np.arange(len(runs)) % 2, runs)  # column-major, as COCO RLE
+        assert np.array_equal(flat.reshape(w, h).T, m)
