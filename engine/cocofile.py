@@ -78,7 +78,8 @@ def validate_instances(coco) -> None:
 
     Checks: ``images``, ``annotations``, ``categories`` lists; images with ``id``, a non-empty
     string ``file_name`` and positive integer ``width``/``height``; categories with ``id`` and ``name``; image and
-    category ids unique, each an integer or a non-empty string (not a bool or float); every
+    category ids unique, each an integer or a non-empty string (not a bool or float); category
+    names unique non-empty strings; every
     annotation with ``image_id``/``category_id`` that are defined, a ``bbox`` of 4 finite numbers
     with non-negative width and height, and a segmentation (if any) that is a list of polygons
     (even-length lists of finite numbers) or an RLE dict whose ``size`` is its image's
@@ -92,7 +93,7 @@ def validate_instances(coco) -> None:
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             raise CocoError(f"not a COCO instances file: missing the '{key}' list")
-    cat_ids = set()
+    cat_ids, cat_names = set(), set()
     for i, c in enumerate(coco["categories"]):
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise CocoError(f"category #{i} {c!r} needs 'id' and 'name'")
@@ -102,7 +103,11 @@ def validate_instances(coco) -> None:
             raise CocoError(f"category #{i} ({c['name']!r}): id {c['id']!r} must be an integer or a non-empty string")
         if c["id"] in cat_ids:
             raise CocoError(f"category id {c['id']!r} is given to several categories (#{i}, {c['name']!r}); ids must be unique")
+        if c["name"] in cat_names:
+            raise CocoError(f"category name {c['name']!r} is given to several categories (#{i}, id {c['id']!r}); classes "
+                            "are matched by name, so names must be unique")
         cat_ids.add(c["id"])
+        cat_names.add(c["name"])
     sizes = {}
     for i, im in enumerate(coco["images"]):
         missing = [k for k in ("id", "file_name", "width", "height") if not isinstance(im, dict) or k not in im]

@@ -112,10 +112,6 @@ def coco_to_records(coco: dict, images_dir: str | os.PathLike, classes: list[str
     cats = category_order(coco["categories"])
     images, anns = coco["images"], coco["annotations"]
     names = [c["name"] for c in cats]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise CocoError(f"categories {', '.join(repr(n) for n in dup)} are each given to several ids; class names "
-                        "must be unique")
     classes = classes or names
     col = {c["id"]: classes.index(c["name"]) for c in cats}
     C = len(classes)

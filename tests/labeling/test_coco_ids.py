@@ -120,6 +120,7 @@ REFUSED = [
     (lambda g: g["images"][1].update(file_name=7), r"image #1 \(id 2, 7\): file_name must be a non-empty string"),
     (lambda g: g["categories"][1].update(id=1), r"category id 1 is given to several categories \(#1, 'dog'\)"),
     (lambda g: g["categories"][1].update(id=""), r"category #1 \('dog'\): id '' must be"),
+    (lambda g: g["categories"][1].update(name="cat"), r"category name 'cat' is given to several categories \(#1, id 2\)"),
     (lambda g: g["annotations"][2].update(image_id="2"),
      r"annotation #2 \(id 3\) refers to image_id '2', which 'images' does not define \(it defines 2: an integer"),
     (lambda g: g["annotations"][1].update(category_id=9), r"annotation #1 \(id 2\) refers to category_id 9"),
