@@ -12,7 +12,6 @@ predicted classes the GT lacks are listed in the report, not silently scored as 
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
@@ -22,6 +21,7 @@ from typing import Iterable
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from distillery.engine.cocofile import CocoError, for_pycocotools, validate_instances
 from distillery.engine.record import LabelRecord
 
 IOU_TYPES = ("bbox", "segm")
@@ -84,7 +84,12 @@ def predict_ultralytics(model_path: str | Path, image_paths: list[str], imgsz: i
 
 
 def load_gt(path: str | Path) -> dict:
-    """A COCO instances JSON; raises :class:`EvalError` naming the file if it is not one."""
+    """A COCO instances JSON, checked as :func:`distillery.engine.cocofile.validate_instances`
+    checks it (the rules ``labels import`` applies).
+
+    Raises:
+        EvalError: naming the file, and the offending entry, if it is not a usable instances file.
+    """
     p = Path(path)
     try:
         gt = json.loads(p.read_text())
@@ -92,6 +97,10 @@ def load_gt(path: str | Path) -> dict:
         raise EvalError(f"GT file {p}: cannot be read as JSON ({e})") from e
     if not isinstance(gt, dict) or not all(k in gt for k in ("images", "annotations", "categories")):
         raise EvalError(f"GT file {p}: not a COCO instances file (needs images, annotations, categories)")
+    try:
+        validate_instances(gt)
+    except CocoError as e:
+        raise EvalError(f"GT file {p}: {e}") from None
     return gt
 
 
@@ -136,8 +145,15 @@ def evaluate(gt: dict, predictions: list[dict], class_names: list[str], image_fi
              iou_types=IOU_TYPES) -> dict:
     """COCOeval of neutral ``predictions`` against ``gt``.
 
+    The GT goes through :func:`distillery.engine.cocofile.for_pycocotools` first: images,
+    categories and annotations are renumbered 1..N (pycocotools miscounts GT annotation id 0
+    and duplicated ids, and fails on string or mixed ids), boxes are clipped to the frame,
+    polygons clipped and rasterised exactly as ``labels import`` does. Any valid GT file
+    scored against its own imported label set gives 1.0.
+
     Args:
-        gt: COCO instances dict (non-contiguous category ids are fine).
+        gt: COCO instances dict (ids of any form :func:`~distillery.engine.cocofile.validate_instances`
+            accepts; non-contiguous category ids are fine).
         predictions: neutral predictions (module docstring).
         class_names: every class the predictor can output (for the class mapping report).
         image_files: the images that were predicted (paths or basenames); None: the GT
@@ -146,52 +162,72 @@ def evaluate(gt: dict, predictions: list[dict], class_names: list[str], image_fi
 
     Returns:
         report dict: ``images``, ``categories_evaluated``, ``gt_classes_unknown_to_model``,
-        ``model_classes_missing_in_gt``, per IoU type ``{"mAP50-95", "mAP50", "mAP75",
+        ``model_classes_missing_in_gt``, ``gt_unmatchable`` (GT instances with no box area or
+        no mask pixel in their image: misses for any model, listed by position and id), per IoU type ``{"mAP50-95", "mAP50", "mAP75",
         "stats" (COCOeval's 12), "per_class" {name: {"AP50-95", "AP50", "gt_instances"}},
         "pr": {"recall", "precision@50", "precision@50-95"}}``.
 
     Raises:
-        EvalError: no GT image matches a predicted image, no class names are shared, or an
-        image's size differs from the GT's ``width`` x ``height`` (:func:`check_sizes`).
+        EvalError: the GT is malformed (naming the entry), two GT images share a file name,
+            no GT image matches a predicted image, no class names are shared, or an image's
+            size differs from the GT's ``width`` x ``height`` (:func:`check_sizes`).
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    gt_by_base = {os.path.basename(im["file_name"]): im for im in gt["images"]}
+    try:
+        validate_instances(gt)
+    except CocoError as e:
+        raise EvalError(f"GT: {e}") from None
+    gt_by_base = {}
+    for im in gt["images"]:
+        base = os.path.basename(im["file_name"])
+        if base in gt_by_base:
+            raise EvalError(f"GT images {gt_by_base[base]['file_name']!r} and {im['file_name']!r} share the file name "
+                            f"{base!r}: predictions are matched to GT images by file name, so give them unique names")
+        gt_by_base[base] = im
     if image_files is None:
         image_files = sorted({p["file_name"] for p in predictions})
-    img_ids = sorted({gt_by_base[os.path.basename(f)]["id"] for f in image_files if os.path.basename(f) in gt_by_base})
-    if not img_ids:
+    wanted = {os.path.basename(f) for f in image_files}
+    src_img_ids = [im["id"] for im in gt["images"] if os.path.basename(im["file_name"]) in wanted]
+    if not src_img_ids:
         raise EvalError("no predicted image matches a GT image by file name; check --images / the label set's paths")
     check_sizes(gt_by_base, image_files, predictions)
-    cat_by_name = {c["name"]: c["id"] for c in gt["categories"]}
+    try:
+        prepared = for_pycocotools(gt, image_ids=src_img_ids)
+    except CocoError as e:
+        raise EvalError(f"GT: {e}") from None
+    ds, img_map = prepared.dataset, prepared.image_map
+    img_ids = sorted(img_map.values())
+    cat_by_name = {c["name"]: c["id"] for c in ds["categories"]}
     shared = [n for n in class_names if n in cat_by_name]
     if not shared:
         raise EvalError(f"the model's classes ({', '.join(class_names[:10])}...) share no name with the GT categories")
     cat_ids = [cat_by_name[n] for n in shared]
-    img_set = set(img_ids)
     results = []
     for p in predictions:
         im = gt_by_base.get(os.path.basename(p["file_name"]))
-        if im is None or im["id"] not in img_set or p["class_name"] not in cat_by_name:
+        if im is None or im["id"] not in img_map or p["class_name"] not in cat_by_name:
             continue
-        r = {"image_id": im["id"], "category_id": cat_by_name[p["class_name"]], "score": p["score"], "bbox": p["bbox"]}
+        r = {"image_id": img_map[im["id"]], "category_id": cat_by_name[p["class_name"]], "score": p["score"],
+             "bbox": p["bbox"]}
         if "segmentation" in p:
             seg = dict(p["segmentation"])
             seg["counts"] = seg["counts"].decode("ascii") if isinstance(seg["counts"], bytes) else seg["counts"]
             r["segmentation"] = seg
         results.append(r)
-    gt_present = {a["category_id"] for a in gt["annotations"] if a["image_id"] in img_set}
+    gt_present = {a["category_id"] for a in ds["annotations"]}
     report = {
         "images": len(img_ids),
         "predictions": len(results),
         "categories_evaluated": shared,
-        "gt_classes_unknown_to_model": sorted(c["name"] for c in gt["categories"]
+        "gt_classes_unknown_to_model": sorted(c["name"] for c in ds["categories"]
                                               if c["name"] not in class_names and c["id"] in gt_present),
         "model_classes_missing_in_gt": sorted(n for n in class_names if n not in cat_by_name),
+        "gt_unmatchable": prepared.unmatchable,
     }
     coco_gt = COCO()
-    coco_gt.dataset = copy.deepcopy(gt)  # COCOeval rewrites GT segmentations in place
+    coco_gt.dataset = ds  # a fresh copy: COCOeval rewrites GT segmentations in place
     coco_gt.createIndex()
     for iou_type in iou_types:
         res = [dict(r) for r in results if iou_type == "bbox" or "segmentation" in r]
@@ -208,8 +244,7 @@ def evaluate(gt: dict, predictions: list[dict], class_names: list[str], image_fi
         per_class = {}
         for k, name in enumerate(shared):
             pk = prec[:, :, k, 0, -1]
-            n_gt = sum(1 for a in gt["annotations"] if a["image_id"] in img_set and a["category_id"] == cat_ids[k]
-                       and not a.get("iscrowd", 0))
+            n_gt = sum(1 for a in ds["annotations"] if a["category_id"] == cat_ids[k] and not a.get("iscrowd", 0))
             per_class[name] = {
                 "AP50-95": float(pk[pk > -1].mean()) if (pk > -1).any() else None,
                 "AP50": float(pk[0][pk[0] > -1].mean()) if (pk[0] > -1).any() else None,

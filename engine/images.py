@@ -143,15 +143,40 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def exif_size(path: str) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, read from the header only (no pixel decode)."""
-    with Image.open(path) as im:
-        w, h = im.size
+#: EXIF orientations (tag 0x0112) that swap width and height (transpose, rotate 90/270, transverse).
+SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def display_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened, not yet loaded image as displayed: after its EXIF
+    orientation, i.e. the size of ``ImageOps.exif_transpose(im)``; read from the header only.
+
+    The one rule for every format, so that ``label`` (:func:`decode`), ``labels import``, the
+    student's size check and ultralytics' ``imread`` agree: the *stored* size, swapped when the
+    EXIF orientation is 5-8. Pillow's ``size`` is not the stored size for every format: its TIFF
+    plugin (Pillow 13.0, checked) already reports the rotated size at open and rotates on
+    ``load()`` (older releases did neither), so for TIFF the stored size is read from the
+    ImageWidth/ImageLength tags (256/257), which mean the same in every release. HEIF/AVIF via
+    pi-heif report the displayed size and reset the orientation to 1.
+    """
+    tags = getattr(im, "tag_v2", None) if im.format == "TIFF" else None
+    if tags is not None and isinstance(tags.get(256), int) and isinstance(tags.get(257), int):
+        stored = (tags[256], tags[257])
+        orientation = tags.get(0x0112, 1)
+    else:
+        stored = im.size
         try:
             orientation = im.getexif().get(0x0112, 1)
-        except Exception:  # noqa: BLE001 - a broken EXIF block means no orientation
+        except Exception:  # noqa: BLE001 - a broken EXIF block means no orientation, as in exif_transpose
             orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return (stored[1], stored[0]) if orientation in SWAPPING_ORIENTATIONS else stored
+
+
+def exif_size(path: str) -> tuple[int, int]:
+    """(width, height) of the image file at ``path`` after EXIF orientation (:func:`display_size`),
+    header only, no pixel decode. Raises Pillow's errors for files it cannot open."""
+    with Image.open(path) as im:
+        return display_size(im)
 
 
 def decode(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
@@ -179,6 +204,7 @@ def decode(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
+            dw, dh = display_size(im)
             w, h = im.size
             if w * h > max_pixels:
                 return Decoded(
@@ -203,6 +229,9 @@ def decode(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     except Exception as e:  # noqa: BLE001 - any decoder failure becomes an error record
         return Decoded(path, image_id, 0, 0, None, f"decode-failed: {type(e).__name__}: {e}")
     h, w = pixels.shape[:2]
+    if (w, h) != (dw, dh):  # Pillow's reader and display_size disagree: the size would be wrong somewhere
+        return Decoded(path, image_id, 0, 0, None, f"decode-failed: pixels decoded as {w}x{h} but the header with its EXIF "
+                       f"orientation says {dw}x{dh}; convert the file to PNG or JPEG")
     return Decoded(path, image_id, w, h, np.ascontiguousarray(pixels))
 
 

@@ -18,14 +18,14 @@ from typing import Iterable
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from distillery.engine.cocofile import (  # noqa: F401 - CocoError, segmentation_to_rle are re-exported
+    CocoError, annotation_geometry, annotation_name, category_order, image_name, segmentation_to_rle,
+    unmatchable, validate_instances,
+)
 from distillery.engine.images import content_id, exif_size
 from distillery.engine.record import LabelRecord
 from distillery.engine.store import LabelSet, LabelStore
 from distillery.labeling.ontology import Ontology
-
-
-class CocoError(ValueError):
-    """A COCO file is malformed or does not match its images."""
 
 
 def records_to_coco(records: Iterable[LabelRecord], classes: list[str], min_score: float = 0.0) -> dict:
@@ -76,82 +76,14 @@ def records_to_coco(records: Iterable[LabelRecord], classes: list[str], min_scor
     return out
 
 
-def segmentation_to_rle(segm, height: int, width: int) -> dict:
-    """Any COCO segmentation (polygons, uncompressed or compressed RLE) -> one compressed RLE
-    ``{"size": [height, width], "counts": bytes}`` (``pycocotools.mask.frPyObjects`` + ``merge``).
-
-    Raises:
-        CocoError: an empty or malformed segmentation.
-    """
-    try:
-        if isinstance(segm, list):
-            polys = [p for p in segm if len(p) >= 6]
-            if not polys:
-                raise CocoError("polygon segmentation with fewer than 3 points")
-            rle = mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
-        elif isinstance(segm, dict) and isinstance(segm.get("counts"), list):
-            rle = mask_utils.frPyObjects(segm, height, width)
-        elif isinstance(segm, dict):
-            counts = segm["counts"]
-            rle = {"size": list(segm["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-        else:
-            raise CocoError(f"unknown segmentation type {type(segm).__name__}")
-    except (KeyError, TypeError, IndexError) as e:
-        raise CocoError(f"malformed segmentation ({e})") from e
-    if list(rle["size"]) != [height, width]:
-        raise CocoError(f"segmentation size {list(rle['size'])} != image [height, width] {[height, width]}")
-    try:
-        area = int(mask_utils.area({"size": [height, width], "counts": rle["counts"]}))
-    except Exception as e:  # noqa: BLE001 - pycocotools raises several types for bad counts
-        raise CocoError(f"RLE counts cannot be decoded ({e})") from e
-    if not 0 <= area <= height * width:
-        raise CocoError(f"RLE counts are corrupt: area {area} outside [0, {height * width}]")
-    return {"size": [int(height), int(width)], "counts": rle["counts"]}
-
-
 def validate_coco(coco: dict) -> None:
-    """Check the structure an instances file needs before anything is imported.
+    """Check the structure an instances file needs before anything is imported
+    (:func:`distillery.engine.cocofile.validate_instances`: the same rules evaluation applies).
 
     Raises:
-        CocoError: naming the first offending entry: a missing ``images``, ``annotations``
-            or ``categories`` list; an image without ``id``/``file_name``/``width``/``height``;
-            an annotation without ``image_id``/``category_id``/``bbox`` of 4 numbers, or whose
-            image or category id is not defined.
+        CocoError: naming the first offending entry by position and id.
     """
-    if not isinstance(coco, dict):
-        raise CocoError("not a COCO instances file: the top level must be an object")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(coco.get(key), list):
-            raise CocoError(f"not a COCO instances file: missing the '{key}' list")
-    for c in coco["categories"]:
-        if not isinstance(c, dict) or "id" not in c or "name" not in c:
-            raise CocoError(f"category {c!r} needs 'id' and 'name'")
-    for im in coco["images"]:
-        missing = [k for k in ("id", "file_name", "width", "height") if not isinstance(im, dict) or k not in im]
-        if missing:
-            raise CocoError(f"image {im.get('id', im) if isinstance(im, dict) else im!r} lacks {', '.join(missing)}")
-    image_ids = {im["id"] for im in coco["images"]}
-    if len(image_ids) != len(coco["images"]):
-        seen, dup = set(), None
-        for im in coco["images"]:
-            if im["id"] in seen:
-                dup = im["id"]
-                break
-            seen.add(im["id"])
-        raise CocoError(f"image id {dup} is given to several images; ids must be unique")
-    cat_ids = {c["id"] for c in coco["categories"]}
-    for a in coco["annotations"]:
-        aid = a.get("id", "?") if isinstance(a, dict) else a
-        missing = [k for k in ("image_id", "category_id", "bbox") if not isinstance(a, dict) or k not in a]
-        if missing:
-            raise CocoError(f"annotation {aid} lacks {', '.join(missing)}")
-        if a["image_id"] not in image_ids:
-            raise CocoError(f"annotation {aid} refers to image_id {a['image_id']}, which 'images' does not define")
-        if a["category_id"] not in cat_ids:
-            raise CocoError(f"annotation {aid} refers to category_id {a['category_id']}, which 'categories' does not define")
-        bb = a["bbox"]
-        if not (isinstance(bb, list) and len(bb) == 4 and all(isinstance(v, (int, float)) for v in bb)):
-            raise CocoError(f"annotation {aid}: bbox must be [x, y, width, height], got {bb!r}")
+    validate_instances(coco)
 
 
 def coco_to_records(coco: dict, images_dir: str | os.PathLike, classes: list[str] | None = None):
@@ -164,29 +96,32 @@ def coco_to_records(coco: dict, images_dir: str | os.PathLike, classes: list[str
     ``stats["dropped_annotations"]``). Annotations without a segmentation get the box as
     their mask (``stats["box_masks"]``); a malformed segmentation is an error.
 
+    Boxes are clipped to the frame and polygons clipped before they are rasterised
+    (:func:`distillery.engine.cocofile.annotation_geometry`, the same geometry evaluation uses);
+    ids of any form are accepted as :func:`validate_coco` allows (they are not stored).
+
     Returns:
-        ``(classes, records, stats)``; classes are the category names in id order.
+        ``(classes, records, stats)``; classes are the category names in id order (integer ids
+        numerically, then string ids).
 
     Raises:
-        CocoError: the dict lacks ``images``/``annotations``/``categories``, or two
-            categories share a name.
+        CocoError: naming the entry: a structural fault (:func:`validate_coco`), two categories
+            sharing a name, or an annotation that cannot be rasterised or has no area in its image.
     """
     validate_coco(coco)
-    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    cats = category_order(coco["categories"])
     images, anns = coco["images"], coco["annotations"]
     names = [c["name"] for c in cats]
-    if len(set(names)) != len(names):
-        raise CocoError("two categories share a name; class names must be unique")
     classes = classes or names
     col = {c["id"]: classes.index(c["name"]) for c in cats}
     C = len(classes)
     by_image = defaultdict(list)
-    for a in anns:
-        by_image[a["image_id"]].append(a)
+    for i, a in enumerate(anns):
+        by_image[a["image_id"]].append((i, a))
     stats = {"box_masks": 0, "crowd": 0, "dropped_annotations": 0}
     records = []
     base = Path(images_dir)
-    for im in images:
+    for n, im in enumerate(images):
         path = str((base / im["file_name"]).absolute())
         image_id, failure = "", None
         try:
@@ -206,22 +141,18 @@ def coco_to_records(coco: dict, images_dir: str | os.PathLike, classes: list[str
             stats["dropped_annotations"] += len(by_image.get(im["id"], []))
             continue
         boxes, scores, masks, crowd = [], [], [], []
-        for a in by_image.get(im["id"], []):
-            x, y, bw, bh = a["bbox"]
-            x1, y1 = np.clip([x, y], 0, [w, h])
-            x2, y2 = np.clip([x + bw, y + bh], 0, [w, h])
-            if a.get("segmentation") in (None, [], {}):
-                box = mask_utils.frPyObjects([[x1, y1, x2, y1, x2, y2, x1, y2]], h, w)
-                rle = {"size": [h, w], "counts": mask_utils.merge(box)["counts"]}
-                stats["box_masks"] += 1
-            else:
-                try:
-                    rle = segmentation_to_rle(a["segmentation"], h, w)
-                except CocoError as e:
-                    raise CocoError(f"annotation {a.get('id', '?')} (image {im['file_name']}): {e}") from e
+        for i, a in by_image.get(im["id"], []):
+            try:
+                box, rle, box_mask = annotation_geometry(a, h, w)
+                why = unmatchable(a, box, rle)
+                if why:
+                    raise CocoError(f"{why}: no prediction could match it; remove the annotation or fix its coordinates")
+            except CocoError as e:
+                raise CocoError(f"{annotation_name(i, a)} of {image_name(n, im)}: {e}") from None
+            stats["box_masks"] += int(box_mask)
             onehot = np.zeros(C, np.float32)
             onehot[col[a["category_id"]]] = 1.0
-            boxes.append([x1, y1, x2, y2])
+            boxes.append(box)
             scores.append(onehot)
             masks.append(rle)
             crowd.append(bool(a.get("iscrowd", 0)))

@@ -54,6 +54,28 @@ def record_to_yolo_lines(rec: LabelRecord, min_score: float = 0.0) -> list[str]:
     return lines
 
 
+def _readable_by_ultralytics(suffix: str) -> bool:
+    """Whether ultralytics' ``YOLODataset`` lists an image with this suffix (``ultralytics.data.utils.IMG_FORMATS``;
+    it silently skips any other file, and its label with it)."""
+    from ultralytics.data.utils import IMG_FORMATS
+
+    return suffix.lower().lstrip(".") in IMG_FORMATS
+
+
+def _convert_to_png(rec: LabelRecord, dst: Path) -> bool:
+    """Write ``rec``'s image as PNG, pixels as ``label`` decodes them (EXIF orientation applied, RGB);
+    False if it no longer decodes to the record's size."""
+    from PIL import Image
+
+    from distillery.engine.images import decode
+
+    d = decode(rec.path)
+    if d.pixels is None or (d.width, d.height) != (rec.width, rec.height):
+        return False
+    Image.fromarray(d.pixels).save(dst)
+    return True
+
+
 def _place(src: str, dst: Path) -> None:
     if dst.exists() or dst.is_symlink():
         dst.unlink()
@@ -74,8 +96,11 @@ def export_yolo_seg(
             ``overwrite`` (stale files would pair old images with new labels).
 
     Crowd instances are skipped (YOLO has no crowd flag). Images no longer at their
-    recorded path are skipped and listed in ``counts["missing_images"]``. Returns counts
-    per split.
+    recorded path, or no longer decoding to their recorded size, are skipped and listed in
+    ``counts["missing_images"]``. Images in a format ultralytics' dataset does not list
+    (suffix not in ``ultralytics.data.utils.IMG_FORMATS``, e.g. ``.gif``) are written as PNG
+    (decoded pixels, EXIF orientation applied) and listed in ``counts["converted_images"]``.
+    Returns counts per split.
     File names keep the original name; a second image of the same name gets
     ``_<image_id[:8]>`` appended to its stem.
     """
@@ -88,7 +113,7 @@ def export_yolo_seg(
     for d in (out / "images", out / "labels"):
         if d.is_dir():
             shutil.rmtree(d)
-    counts = {"train": 0, "val": 0, "instances": 0, "missing_images": []}
+    counts = {"train": 0, "val": 0, "instances": 0, "missing_images": [], "converted_images": []}
     used: set[str] = set()
     for split in ("train", "val"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -104,8 +129,14 @@ def export_yolo_seg(
         stem, suffix = src.stem, src.suffix.lower()
         if stem in used:
             stem = f"{stem}_{rec.image_id[:8]}"
+        if _readable_by_ultralytics(suffix):
+            _place(rec.path, out / "images" / split / f"{stem}{suffix}")
+        elif _convert_to_png(rec, out / "images" / split / f"{stem}.png"):
+            counts["converted_images"].append(rec.path)
+        else:
+            counts["missing_images"].append(rec.path)  # changed since labeling: no longer its recorded size
+            continue
         used.add(stem)
-        _place(rec.path, out / "images" / split / f"{stem}{suffix}")
         lines = record_to_yolo_lines(rec, min_score)
         (out / "labels" / split / f"{stem}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
         counts[split] += 1

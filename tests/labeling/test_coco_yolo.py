@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,7 +153,7 @@ def test_yolo_export_refuses_stale_dir_and_overwrite_replaces(imported, tmp_path
     (lambda c: c.pop("categories"), "'categories' list"),
     (lambda c: c["images"][1].update(id=c["images"][0]["id"]), "given to several images"),
     (lambda c: c["annotations"][0].update(segmentation={"counts": "garbage", "size": [480, 640]}),
-     r"annotation \d+ .*(corrupt|size|decoded)"),
+     r"annotation #\d+ \(id \d+\).*(corrupt|size|decoded)"),
 ])
 def test_import_rejects_malformed_coco(coco128_gt, coco128, tmp_path, edit, message):
     bad = copy.deepcopy(coco128_gt)
@@ -178,3 +179,36 @@ def test_yolo_export_skips_and_reports_images_deleted_after_labeling(coco128, co
     counts = export_yolo_seg(ls, tmp_path / "y")
     assert counts["train"] + counts["val"] == 2
     assert counts["missing_images"] == [str(tmp_path / "img" / images[0]["file_name"])]
+
+
+def test_yolo_export_converts_formats_ultralytics_does_not_list(tmp_path):
+    """A .gif (readable by Pillow, so labelable) is not in ultralytics' IMG_FORMATS: its dataset
+    would skip the image and its label. Exported as PNG, ultralytics loads both images."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data.dataset import YOLODataset
+    from ultralytics.data.utils import IMG_FORMATS
+
+    from PIL import Image
+
+    from distillery.engine.images import decode
+
+    assert "gif" not in IMG_FORMATS and "png" in IMG_FORMATS
+    (tmp_path / "img").mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.gif", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / "img" / name)
+    poly = [[5, 5, 30, 5, 30, 25, 5, 25]]
+    coco = {"images": [{"id": k + 1, "file_name": n, "width": 40, "height": 30} for k, n in enumerate(("a.gif", "b.png"))],
+            "categories": [{"id": 1, "name": "thing"}],
+            "annotations": [{"id": k + 1, "image_id": k + 1, "category_id": 1, "bbox": [5, 5, 25, 20],
+                             "segmentation": poly} for k in range(2)]}
+    (tmp_path / "gt.json").write_text(json.dumps(coco))
+    ls, _ = import_coco(LabelStore(tmp_path / "s"), str(tmp_path / "gt.json"), str(tmp_path / "img"))
+    counts = export_yolo_seg(ls, tmp_path / "y", val_fraction=0.0)
+    ds = YOLODataset(img_path=str(tmp_path / "y" / "images" / "train"), imgsz=64, augment=False, hyp=get_cfg(),
+                     data={"names": {0: "thing"}, "nc": 1, "channels": 3}, task="segment")
+    assert sorted(Path(f).name for f in ds.im_files) == ["a.png", "b.png"]  # before: ["b.png"]
+    assert [len(lb["segments"]) for lb in ds.labels] == [1, 1]
+    assert counts["train"] == 2 and counts["converted_images"] == [str(tmp_path / "img" / "a.gif")]
+    png = tmp_path / "y" / "images" / "train" / "a.png"
+    assert np.array_equal(np.asarray(Image.open(png)), decode(str(tmp_path / "img" / "a.gif")).pixels)
