@@ -7,6 +7,7 @@ A preset names the two teachers and their settings::
       revision: null
       box_floor: 0.05
       nms_iou: 0.7
+      merge: agnostic               # agnostic: one instance per object | class-aware: NMS per class
       image_size: {shortest_edge: 800, longest_edge: 1333}
       max_detections: 300
       batch_size: 4
@@ -58,6 +59,7 @@ class DetectorConfig:
     revision: str | None = None
     box_floor: float = 0.05
     nms_iou: float = 0.7
+    merge: str = "agnostic"  # labeling.detector.MERGE_MODES
     image_size: dict | None = None
     max_detections: int = 300
     batch_size: int = 4
@@ -155,6 +157,8 @@ class TeacherPreset:
             and all(isinstance(v, int) and v > 0 for v in d.image_size.values())
         ):
             raise PresetError(f"{source}: detector.image_size must be {{shortest_edge: int, longest_edge: int}}")
+        if d.merge not in ("agnostic", "class-aware"):
+            raise PresetError(f"{source}: detector.merge must be agnostic or class-aware, got {d.merge!r}")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise PresetError(f"{source}: precision must be fp32, fp16 or bf16, got {self.precision!r}")
         if self.device != "auto":
@@ -271,7 +275,7 @@ def labelset_spec(ontology: Ontology, preset: TeacherPreset) -> dict:
             "segmenter_input": "ResizeLongestSide(1024)",
         },
         "thresholds": {"box_floor": d.box_floor, "nms_iou": d.nms_iou, "max_detections": d.max_detections,
-                       "mask_threshold": 0.0},
+                       "mask_threshold": 0.0, "merge": d.merge},
     }
 
 
@@ -286,6 +290,7 @@ class DetectStage:
         self.teacher = self.teacher_class(
             d.model, Ontology.from_dict(ontology), revision=d.revision, device=p.device, precision=p.precision,
             box_floor=d.box_floor, nms_iou=d.nms_iou, image_size=d.image_size, max_detections=d.max_detections,
+            merge=d.merge,
         )
         self.num_classes = len(self.teacher.ontology.classes)
 
