@@ -12,7 +12,8 @@ steps are separate methods so each can be checked alone:
   unpadded resized image (transformers ``GroundingDinoObjectDetectionOutput``);
 * :meth:`postprocess` -- sigmoid, token spans -> per-class scores (see
   :mod:`distillery.labeling.ontology`), boxes to xyxy absolute pixels of the original frame,
-  chunk merge and class-aware NMS (``torchvision.ops.batched_nms``).
+  and the merge of all chunks' boxes into one instance per object (:func:`merge_agnostic`),
+  or, as an option, class-aware NMS (:func:`merge_class_aware`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.ops import batched_nms, box_convert, box_iou, clip_boxes_to_image
+from torchvision.ops import batched_nms, box_convert, box_iou, clip_boxes_to_image, nms
 
 from distillery.labeling.ontology import Ontology, build_chunks
 
@@ -44,6 +45,71 @@ def resolve_device(device: str) -> torch.device:
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+#: How boxes of all prompt chunks become instances (the preset's ``detector.merge``).
+MERGE_MODES = ("agnostic", "class-aware")
+
+
+def merge_agnostic(
+    boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One instance per object: class-agnostic NMS, each kept box taking the element-wise
+    max of the soft vectors of the boxes it suppressed.
+
+    Greedy NMS (``torchvision.ops.nms`` on each box's best class score) keeps a box unless
+    a better box overlaps it at IoU > ``iou_threshold``; a removed box joins the group of
+    the best kept box that overlaps it (the one that removed it). The group's soft vector
+    is the element-wise max over its members, so an object seen by two prompt chunks, or
+    by two queries peaked on different classes, comes out once with both classes' scores.
+
+    Args:
+        boxes: float32 ``(M, 4)`` xyxy, any one frame.
+        scores: float32 ``(M, C)`` soft class scores, non-negative.
+        iou_threshold: IoU (``torchvision.ops.box_iou``) above which two boxes are one object.
+
+    Returns:
+        ``keep`` int64 ``(K,)`` indices into ``boxes`` of the kept boxes, best first, and
+        their merged soft vectors float32 ``(K, C)``.
+    """
+    if not len(boxes):
+        return torch.zeros(0, dtype=torch.long), scores[:0].clone()
+    keep = nms(boxes, scores.max(dim=1).values, iou_threshold)
+    over = box_iou(boxes[keep], boxes) > iou_threshold  # (K, M)
+    owner = over.to(torch.uint8).argmax(dim=0)  # first (best) kept box overlapping each box
+    owner[keep] = torch.arange(len(keep))
+    member = over.any(dim=0)
+    member[keep] = True
+    merged = torch.zeros(len(keep), scores.shape[1], dtype=scores.dtype)
+    index = owner[member][:, None].expand(-1, scores.shape[1])
+    merged.scatter_reduce_(0, index, scores[member], reduce="amax")
+    return keep, merged
+
+
+def merge_class_aware(
+    boxes: torch.Tensor, scores: torch.Tensor, chunk_of: torch.Tensor, iou_threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class-aware NMS (``torchvision.ops.batched_nms`` on each box's argmax class); a kept
+    box then takes, for the columns of other prompt chunks, the best score of that chunk's
+    boxes overlapping it at IoU >= ``iou_threshold``. Boxes of one object whose argmax
+    classes differ all stay (one instance per class).
+
+    Args:
+        boxes: float32 ``(M, 4)`` xyxy; scores: float32 ``(M, C)``; chunk_of: int64 ``(M,)``
+            the prompt chunk of each box.
+
+    Returns:
+        ``keep`` int64 ``(K,)`` best first, and the kept soft vectors float32 ``(K, C)``.
+    """
+    if not len(boxes):
+        return torch.zeros(0, dtype=torch.long), scores[:0].clone()
+    best, label = scores.max(dim=1)
+    keep = batched_nms(boxes, best, label, iou_threshold)
+    kept = scores[keep].clone()
+    near = (box_iou(boxes[keep], boxes) >= iou_threshold) & (chunk_of[None, :] != chunk_of[keep][:, None])
+    for r in range(len(keep)):
+        if near[r].any():
+            kept[r] = torch.maximum(kept[r], scores[near[r]].max(dim=0).values)
+    return keep, kept
+
 
 class GroundingDinoTeacher:
     """Grounding DINO boxes with a soft score per ontology class.
@@ -58,15 +124,24 @@ class GroundingDinoTeacher:
         precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (half precisions only on GPU).
         box_floor: keep a box when its best class score is at least this (default 0.05:
             later stages threshold; soft labels need the low end).
-        nms_iou: IoU above which a lower-scored box of the same (argmax) class is removed.
-            Default 0.7, not 0.5: Grounding DINO, like DETR, rarely emits duplicates within
-            one caption, and at 0.5 NMS removes real, overlapping same-class objects
-            (15 of coco128's 939 instances overlap one of their class above 0.5, 4 above 0.7).
+        nms_iou: IoU above which a lower-scored box is merged into a better one (``merge``
+            says whether classes must match). Default 0.7, not 0.5: Grounding DINO, like
+            DETR, rarely emits duplicates within one caption, and at 0.5 NMS removes real,
+            overlapping objects. Of coco128's 929 non-crowd instances, 15 overlap one of
+            their class above 0.5 and 4 above 0.7; 23 overlap another class above 0.5 and
+            12 above 0.7 (6 pairs: a person on a chair at 0.92, a car and a truck at 0.75...).
+        merge: ``"agnostic"`` (default): one instance per object, boxes of all classes and
+            chunks merged by IoU, soft vector the element-wise max over the merged boxes
+            (:func:`merge_agnostic`); right for pseudo-labels, where a student trained on
+            two boxes of one object learns duplicates. ``"class-aware"``: NMS per argmax
+            class (:func:`merge_class_aware`); keeps distinct objects of different classes
+            that overlap above ``nms_iou`` but also one box per class on a single object.
         image_size: ``{"shortest_edge": int, "longest_edge": int}`` resize of the processor
             (None keeps the model's own, 800/1333 for the released checkpoints).
         max_detections: at most this many boxes per image after NMS, best first.
 
     Raises:
+        ValueError: unknown ``precision`` or ``merge``.
         OSError: the model cannot be found or loaded (transformers' own message).
         labeling.ontology.OntologyError: the ontology cannot be tokenized into chunks.
     """
@@ -83,12 +158,16 @@ class GroundingDinoTeacher:
         nms_iou: float = 0.7,
         image_size: dict | None = None,
         max_detections: int = 300,
+        merge: str = "agnostic",
     ) -> None:
         from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
         self.device = resolve_device(device)
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+        if merge not in MERGE_MODES:
+            raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}, got {merge!r}")
+        self.merge = merge
         self.dtype = DTYPES[precision] if self.device.type == "cuda" else torch.float32
         self.processor = AutoProcessor.from_pretrained(model, revision=revision)
         self.model = GroundingDinoForObjectDetection.from_pretrained(model, revision=revision)
@@ -139,10 +218,10 @@ class GroundingDinoTeacher:
             outputs: per chunk, ``(logits, pred_boxes)`` as returned by :meth:`forward`.
             sizes: per image, ``(height, width)`` of the original frame.
 
-        A query of chunk k scores only chunk k's classes. Boxes of all chunks go through
-        class-aware NMS on their best class; a kept box then takes, for the columns of
-        other chunks, the best score of that chunk's boxes overlapping it at IoU >=
-        ``nms_iou``, so its soft vector covers the whole ontology.
+        A query of chunk k scores only chunk k's classes: the mean token probability over
+        each prompt's span (``positive_map`` rows), then the max over a class's prompts.
+        Boxes below ``box_floor`` or empty after clipping are dropped; the rest of all
+        chunks are merged (``merge``) and the best ``max_detections`` kept.
         """
         C = len(self.ontology.classes)
         results = []
@@ -161,20 +240,14 @@ class GroundingDinoTeacher:
                 all_boxes.append(xyxy[keep])
                 all_scores.append(cls[keep])
                 all_chunk.append(torch.full((int(keep.sum()),), k))
-            boxes = torch.cat(all_boxes)
-            scores = torch.cat(all_scores)
-            chunk_of = torch.cat(all_chunk)
-            best, label = scores.max(dim=1) if len(scores) else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
-            keep = batched_nms(boxes, best, label, self.nms_iou)[: self.max_detections]
-            kept_boxes, kept_scores = boxes[keep], scores[keep].clone()
-            if len(outputs) > 1 and len(keep):
-                iou = box_iou(kept_boxes, boxes)  # (K, M)
-                other = chunk_of[None, :] != chunk_of[keep][:, None]
-                near = (iou >= self.nms_iou) & other
-                for r in range(len(keep)):
-                    if near[r].any():
-                        kept_scores[r] = torch.maximum(kept_scores[r], scores[near[r]].max(dim=0).values)
-            results.append(Detections(kept_boxes.numpy().astype(np.float32), kept_scores.numpy().astype(np.float32)))
+            boxes, scores = torch.cat(all_boxes), torch.cat(all_scores)
+            if self.merge == "agnostic":
+                keep, kept_scores = merge_agnostic(boxes, scores, self.nms_iou)
+            else:
+                keep, kept_scores = merge_class_aware(boxes, scores, torch.cat(all_chunk), self.nms_iou)
+            n = self.max_detections
+            results.append(Detections(boxes[keep[:n]].numpy().astype(np.float32),
+                                      kept_scores[:n].numpy().astype(np.float32)))
         return results
 
     def __call__(self, images: list[np.ndarray]) -> list[Detections]:

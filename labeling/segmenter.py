@@ -4,8 +4,10 @@ Steps, as separate methods:
 
 * :meth:`SamTeacher.embed` -- ``SamPredictor.set_image``: resize the longest side to 1024
   (``ResizeLongestSide``), normalise, pad to 1024x1024, run the image encoder once;
-* :meth:`SamTeacher.decode` -- prompt encoder + mask decoder for a batch of boxes,
-  returning SAM's raw low-resolution mask logits ``(N, 1, 256, 256)`` and predicted IoU
+* :meth:`SamTeacher.input_boxes` -- boxes from the original frame to SAM's input frame
+  (``ResizeLongestSide.apply_boxes_torch``: x times new_w / w, y times new_h / h);
+* :meth:`SamTeacher.decode` -- prompt encoder + mask decoder for a batch of input-frame
+  boxes, returning SAM's raw low-resolution mask logits ``(N, 1, 256, 256)`` and predicted IoU
   ``(N, 1)`` (``SamPredictor.predict_torch`` with ``multimask_output=False``);
 * :meth:`SamTeacher.postprocess` -- ``Sam.postprocess_masks`` (upsample, crop the
   padding, resize to the original frame) and threshold at ``mask_threshold`` (SAM: 0.0).
@@ -135,22 +137,33 @@ class SamTeacher:
         with self._autocast():
             self.predictor.set_image(image, image_format="RGB")
 
+    def input_boxes(self, boxes: np.ndarray) -> torch.Tensor:
+        """Boxes of the embedded image from its original frame to SAM's input frame.
+
+        Args:
+            boxes: float32 ``(N, 4)`` xyxy, absolute pixels of the original ``(H, W)`` frame.
+
+        Returns:
+            float32 ``(N, 4)`` xyxy pixels of the resized image whose longest side is 1024
+            (``ResizeLongestSide.apply_boxes_torch``), on the teacher's device.
+        """
+        return self.predictor.transform.apply_boxes_torch(
+            torch.as_tensor(boxes, dtype=torch.float32, device=self.device), self.predictor.original_size
+        )
+
     @torch.inference_mode()
-    def decode(self, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, input_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw SAM output for boxes of the embedded image.
 
         Args:
-            boxes: float32 ``(N, 4)`` xyxy, absolute pixels of the original frame.
+            input_boxes: float32 ``(N, 4)`` xyxy pixels of SAM's input frame (:meth:`input_boxes`).
 
         Returns:
             ``low_res_logits`` float32 ``(N, 1, 256, 256)`` over the padded 1024x1024 input,
             and ``iou_pred`` float32 ``(N, 1)``, both on CPU.
         """
-        t = self.predictor.transform.apply_boxes_torch(
-            torch.as_tensor(boxes, dtype=torch.float32, device=self.device), self.predictor.original_size
-        )
         with self._autocast():
-            sparse, dense = self.sam.prompt_encoder(points=None, boxes=t, masks=None)
+            sparse, dense = self.sam.prompt_encoder(points=None, boxes=input_boxes, masks=None)
             low_res, iou = self.sam.mask_decoder(
                 image_embeddings=self.predictor.features,
                 image_pe=self.sam.prompt_encoder.get_dense_pe(),
@@ -181,7 +194,7 @@ class SamTeacher:
         self.embed(image)
         rles, ious = [], []
         for s in range(0, n, self.boxes_per_call):
-            low_res, iou = self.decode(boxes[s : s + self.boxes_per_call])
+            low_res, iou = self.decode(self.input_boxes(boxes[s : s + self.boxes_per_call]))
             masks = self.postprocess(low_res)
             rles.extend(encode_masks(masks))
             ious.append(iou[:, 0].numpy())

@@ -7,6 +7,7 @@ A preset names the two teachers and their settings::
       revision: null
       box_floor: 0.05
       nms_iou: 0.7
+      merge: agnostic               # agnostic: one instance per object | class-aware: NMS per class
       image_size: {shortest_edge: 800, longest_edge: 1333}
       max_detections: 300
       batch_size: 4
@@ -77,6 +78,7 @@ class DetectorConfig(StrictConfig):
     revision: str | None = None
     box_floor: Fraction = 0.05
     nms_iou: Fraction = 0.7
+    merge: Literal["agnostic", "class-aware"] = "agnostic"  # labeling.detector.MERGE_MODES
     image_size: ImageSize | None = None
     max_detections: PositiveInt = 300
     batch_size: PositiveInt = 4
@@ -281,7 +283,7 @@ def labelset_spec(ontology: Ontology, preset: TeacherPreset) -> dict:
             "segmenter_input": "ResizeLongestSide(1024)",
         },
         "thresholds": {"box_floor": d.box_floor, "nms_iou": d.nms_iou, "max_detections": d.max_detections,
-                       "mask_threshold": 0.0},
+                       "mask_threshold": 0.0, "merge": d.merge},
     }
 
 
@@ -296,6 +298,7 @@ class DetectStage:
         self.teacher = self.teacher_class(
             d.model, Ontology.from_dict(ontology), revision=d.revision, device=p.device, precision=p.precision,
             box_floor=d.box_floor, nms_iou=d.nms_iou, image_size=d.image_size, max_detections=d.max_detections,
+            merge=d.merge,
         )
         self.num_classes = len(self.teacher.ontology.classes)
 

@@ -1,18 +1,21 @@
 """Teachers whose *raw model outputs* are derived from COCO ground truth.
 
-Everything else -- decoding, the processors, token spans, post-processing, NMS, SAM's
-mask post-processing, RLE, the store and the export -- is the real code, so a COCO eval
-of the exported file against the same ground truth measures the geometry of the whole
-pipeline. Images are recognised by a hash of their decoded pixels.
+Everything else -- decoding, the processors, token spans, post-processing, the merge,
+SAM's input transform of image and boxes, SAM's mask post-processing, RLE, the store
+and the export -- is the real code, so a COCO eval of the exported file against the
+same ground truth measures the geometry of the whole pipeline. Images are recognised by
+a hash of their decoded pixels.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_iou
 from pycocotools import mask as mask_utils
 from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -69,25 +72,67 @@ class OracleDetector(GroundingDinoTeacher):
         return logits, boxes
 
 
+class _NoImageEncoder(torch.nn.Module):
+    """Stands in for SAM's image encoder: the oracle's masks come from GT, not the embedding."""
+
+    def __init__(self, dim: int, grid: int, img_size: int) -> None:
+        super().__init__()
+        self.dim, self.grid, self.img_size = dim, grid, img_size
+
+    def forward(self, x):
+        return torch.zeros(x.shape[0], self.dim, self.grid, self.grid)
+
+
 class OracleSegmenter(SamTeacher):
     """SAM whose mask decoder returns low-res logits made from the GT mask of the box that
-    prompted it (SAM's 1024 letterbox, area-downsampled to 256x256), and IoU 1."""
+    prompted it, and IoU 1.
+
+    The boxes it receives are read in SAM's input frame (longest side 1024): each is
+    matched to a GT box scaled by (new_w / W, new_h / H), the input image's size over the
+    original's (computed here, not by the code under test), and must overlap it at IoU >=
+    ``MATCH_IOU``, else it raises; the GT mask, letterboxed like SAM's input, is cut to the
+    received box (plus ``MARGIN`` input pixels) and area-downsampled to 256x256. So a wrong
+    box transform raises or cuts the masks, and the geometry tests fail. The image encoder
+    is skipped (its embedding is unused here; it is most of a tiny SAM's CPU time).
+    """
 
     gt: GroundTruth
+    MATCH_IOU = 0.98
+    MARGIN = 2.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        pe = self.sam.prompt_encoder
+        self.sam.image_encoder = _NoImageEncoder(pe.embed_dim, pe.image_embedding_size[0], pe.input_image_size[0])
 
     def embed(self, image):
         self._gt = self.gt.boxes_of(image)
         super().embed(image)
 
-    def decode(self, boxes):
+    def decode(self, input_boxes):
         h, w = self.predictor.original_size
         nh, nw = ResizeLongestSide.get_preprocess_shape(h, w, 1024)
+        gt_in = torch.from_numpy(self._gt["boxes"]) * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+        received = torch.as_tensor(input_boxes, dtype=torch.float32).cpu()
+        iou = box_iou(received, gt_in)
         out = []
-        for box in np.asarray(boxes):
-            k = int(np.argmin(np.abs(self._gt["boxes"] - box).sum(axis=1)))
-            m = torch.from_numpy(mask_utils.decode(self._gt["masks"][k]).astype(np.float32))[None, None]
-            m = F.interpolate(m, size=(nh, nw), mode="area")
-            m = F.pad(m, (0, 1024 - nw, 0, 1024 - nh))
-            frac = F.interpolate(m, size=(256, 256), mode="area")
+        for b, box in enumerate(received):
+            best, k = iou[b].max(dim=0)
+            if best < self.MATCH_IOU:
+                raise AssertionError(
+                    f"SAM got box {box.tolist()} in its 1024 input frame of a {w}x{h} image: it matches no GT "
+                    f"box (best IoU {best:.3f}, GT there {gt_in[k].tolist()}): wrong original -> input transform"
+                )
+            m = torch.from_numpy(mask_utils.decode(self._gt["masks"][int(k)]).astype(np.float32))[None, None]
+            m = F.interpolate(m, size=(nh, nw), mode="area")[0, 0]
+            # keep the input pixels whose centres (i + 0.5) lie in the received box +- MARGIN
+            x1, y1, x2, y2 = box.tolist()
+            e = self.MARGIN
+            c1, r1 = max(math.ceil(x1 - e - 0.5), 0), max(math.ceil(y1 - e - 0.5), 0)
+            c2, r2 = min(math.floor(x2 + e - 0.5) + 1, nw), min(math.floor(y2 + e - 0.5) + 1, nh)
+            letterbox = torch.zeros(1, 1, 1024, 1024)
+            if c2 > c1 and r2 > r1:
+                letterbox[0, 0, r1:r2, c1:c2] = m[r1:r2, c1:c2]
+            frac = F.avg_pool2d(letterbox, 4)  # 1024 -> 256: each low-res logit covers 4x4 input pixels
             out.append((frac - 0.5) * 2 * LOGIT)
         return torch.cat(out), torch.ones(len(out), 1)
