@@ -183,7 +183,7 @@ def test_merge_mode_is_in_the_preset_and_the_label_set_fingerprint(tiny_teachers
     data["segmenter"]["checkpoint"] = str(tiny_teachers.parent / "sam_vit_tiny.pth")
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
-    with pytest.raises(PresetError, match="detector.merge must be agnostic or class-aware, got 'nms'") as e:
+    with pytest.raises(PresetError, match="detector.merge: must be one of agnostic, class-aware, got 'nms'") as e:
         TeacherPreset.load(bad)
     assert str(bad) in str(e.value)
 
