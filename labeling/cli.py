@@ -274,3 +274,83 @@ def teachers_tiny(out_dir, seed):
 
     path = write_tiny_teachers(out_dir, seed)
     click.echo(f"wrote tiny random teachers and preset {path}")
+
+
+@teachers.command("eval")
+@click.option("--teachers", "presets", multiple=True, required=True, type=Config("teachers"), metavar="PRESET",
+              help="A teachers preset (YAML file or shipped name); repeat it. The first is the baseline of the deltas.")
+@click.option("--labelset", required=True, metavar="NAME|ID",
+              help="The GT: a label set from `distillery labels import` (human labels; its latest curation applies).")
+@click.option("--store", required=True, type=Store(), help="Label store holding the GT; teacher labels are cached in it.")
+@click.option("--out", type=Output(folder=True, example="teacher-eval/"), default="teacher-eval", show_default=True,
+              help="Report folder.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N images (by path).")
+@click.option("--val-only/--all-images", default=None,
+              help="Evaluate the validation split only, or every GT image. Default: --val-only when a teacher has a "
+                   "finetune.json beside its preset, else --all-images.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Validation share (distillery.engine.split.is_val). Default: the smallest val_fraction of the "
+                   "teachers' finetune.json, else 0.1.")
+@click.option("--curation", type=click.IntRange(min=0), default=None, help="GT curation version (default latest; 0 none).")
+@click.option("--runner", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: teachers run in this process; ray: a Ray Data pipeline.")
+@click.option("--ray-address", default=None, help="Address of an existing Ray cluster (with --runner ray).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@fail_cleanly
+def teachers_eval(presets, labelset, store, out, limit, val_only, val_fraction, curation, runner, ray_address, quiet):
+    """Compare teachers on held-out human labels: box AP (COCOeval mAP50-95, mAP50), mask AP,
+    mask mIoU and per-class AP, side by side with per-class deltas against the first teacher;
+    classes that got worse are flagged.
+
+    Each teacher labels the GT images over the GT's classes into a label set of STORE
+    (named eval-..., reused on a rerun). Writes OUT/report.json, comparison.md,
+    per_class_ap.png and one COCOeval report folder per teacher.
+
+    \b
+    Example:
+      distillery teachers eval --teachers default --teachers finetuned/teachers.yaml \\
+          --labelset coco128-gt --store store/ --out teacher-eval/
+    """
+    from distillery.engine.store import LabelStore
+    from distillery.labeling.teacher_eval import Teacher, read_finetune, run_teacher_eval, teacher_label
+    from distillery.labeling.teacher_eval_report import tables, write_outputs
+
+    st = LabelStore(store)
+    gt = st.open(labelset)
+    teachers, seen = [], {}
+    for p in presets:
+        label = teacher_label(p)
+        seen[label] = seen.get(label, 0) + 1
+        ft, ft_path = read_finetune(p)
+        teachers.append(Teacher(label if seen[label] == 1 else f"{label}#{seen[label]}", Path(p), ft, ft_path))
+    ev = run_teacher_eval(st, gt, teachers, val_only=val_only, val_fraction=val_fraction, limit=limit,
+                          curation=curation, runner=runner, ray_address=ray_address, progress=not quiet)
+    r = ev.report
+    click.echo(f"GT {gt.name or gt.id} (curation v{r['gt']['curation_version']}): {r['images']} images, "
+               f"{r['split']['why']}")
+    for t in r["teachers"]:
+        named = f" ({t['labelset_name']})" if t["labelset_name"] else ""
+        click.echo(f"teacher {t['label']}: {t['preset']} -> label set {t['labelset']}{named}, "
+                   f"{t['labelled_now']} images labelled now")
+    top, per = tables(ev)
+    _echo_table(top)
+    click.echo("")
+    _echo_table(per, worse=lambda row: bool(row[-1]))
+    worse = [row["class"] for row in ev.rows if row["worse"]]
+    if len(teachers) > 1:
+        click.echo(f"worse than {r['baseline']} in {len(worse)} of {len(ev.rows)} classes"
+                   f"{': ' + ', '.join(worse) if worse else ''}")
+    for w in ev.warnings:
+        click.echo(click.style(f"warning: {w}", fg="yellow"))
+    write_outputs(ev, out)
+    click.echo(f"report: {out}/ (report.json, comparison.md, per_class_ap.png, one folder per teacher)")
+
+
+def _echo_table(rows, worse=None) -> None:
+    """Rows of strings, columns aligned (text left, numbers right); with ``worse``, the last
+    column is text and rows for which ``worse(row)`` is true are red."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for k, row in enumerate(rows):
+        last = len(row) - 1 if worse is not None else 0
+        line = "  ".join(c.ljust(w) if i in (0, last) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        click.echo(click.style(line, fg="red") if k and worse is not None and worse(row) else line)
