@@ -1,0 +1,1 @@
+"""Teacher fine-tuning: Grounding DINO boxes and SAM masks on curated or COCO labels."""
