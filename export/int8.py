@@ -75,21 +75,22 @@ def calibration_images(labelset: LabelSet | None = None, folder: str | None = No
     return sorted(paths, key=key)[:n]
 
 
-def _reader(paths: list[str], input_name: str, imgsz: int):
+def _reader(paths: list[str], input_name: str, imgsz: int, batch: int = 1):
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
-        """Yields ``{input_name: float32 (1, 3, imgsz, imgsz)}`` per image (inference preprocessing)."""
+        """Yields ``{input_name: float32 (batch, 3, imgsz, imgsz)}``: ``batch`` images at a time
+        (the ONNX's fixed batch; ``len(paths)`` is a multiple of it), inference preprocessing."""
 
         def __init__(self):
-            self.it = iter(paths)
+            self.groups = iter([paths[i:i + batch] for i in range(0, len(paths), batch)])
 
         def get_next(self):
-            p = next(self.it, None)
-            if p is None:
+            group = next(self.groups, None)
+            if group is None:
                 return None
             try:
-                return {input_name: preprocess(p, imgsz)}
+                return {input_name: np.concatenate([preprocess(p, imgsz) for p in group], axis=0)}
             except ValueError as e:  # readable a moment ago (check_readable): changed since
                 raise CalibrationError(f"calibration image {e}; calibration stopped") from e
 
@@ -223,7 +224,10 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
     if len(dims) != 4 or not all(dims) or dims[2] != dims[3]:
         raise ValueError(f"{onnx_in}: INT8 calibration needs a fixed square input (export with a fixed --batch); "
                          f"got input shape {dims}")
-    imgsz = dims[2]
+    imgsz, batch = dims[2], dims[0]
+    if images and len(images) % batch:
+        raise CalibrationError(f"{onnx_in} has a fixed batch of {batch}: give a multiple of {batch} calibration "
+                               f"images (--calib-images), not {len(images)}")
     out = Path(out)
     trt_out = out.with_name(out.name.removesuffix(".onnx") + ".trt.onnx")
     keep = "outputs" if keep_head_fp32 == "outputs" else "all"
@@ -252,7 +256,7 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
         common = dict(quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
                       nodes_to_exclude=nodes_to_exclude, calibrate_method=cm, calibration_cache_path=cache)
         cpu_tmp, trt_tmp = Path(tmp) / "cpu.onnx", Path(tmp) / "trt.onnx"
-        quantize_static(str(pre), str(cpu_tmp), _reader(images, inp.name, imgsz), activation_type=QuantType.QUInt8,
+        quantize_static(str(pre), str(cpu_tmp), _reader(images, inp.name, imgsz, batch), activation_type=QuantType.QUInt8,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True}, **common)
         # the same ranges (from the cache), quantized for TensorRT: signed, symmetric, FP32 biases
         quantize_static(str(pre), str(trt_tmp), None, activation_type=QuantType.QInt8,

@@ -418,3 +418,28 @@ def test_agreement_reference_scores_identical_predictions_as_perfect(student):
     assert same["bbox"]["mAP50"] == pytest.approx(1.0) and same["segm"]["mAP50"] == pytest.approx(1.0)
     half = evaluate(ref, preds[::2], ["person"], image_files=paths)
     assert half["bbox"]["mAP50"] < 0.8
+
+
+def test_int8_calibrates_a_fixed_batch_model_in_batches(student, photos, tmp_path):
+    """A batch-2 ONNX (e.g. for a batch-8 device profile) calibrates 2 images per feed; the
+    quantized model runs a batch of 2 and gives the same boxes for a photo as the batch-1
+    quantization of the same 4 images (min/max over the same pixels). A count that is not a
+    multiple of the batch is refused. (Feeding one image to a batch-4 model used to be an
+    onnxruntime InvalidArgument traceback.)"""
+    import onnxruntime as ort
+
+    from distillery.export.int8 import CalibrationError, quantize
+    from distillery.export.onnx import export_onnx, preprocess
+
+    d, _, pt, _ = student
+    b2 = export_onnx(pt, tmp_path / "b2.onnx", imgsz=320, batch=2)
+    b1 = export_onnx(pt, tmp_path / "b1.onnx", imgsz=320)
+    with pytest.raises(CalibrationError, match="fixed batch of 2: give a multiple of 2 calibration images"):
+        quantize(b2, tmp_path / "x.int8.onnx", photos[:3])
+    q2 = quantize(b2, tmp_path / "b2.int8.onnx", photos)["cpu"]
+    q1 = quantize(b1, tmp_path / "b1.int8.onnx", photos)["cpu"]
+    x = np.concatenate([preprocess(p, 320) for p in photos[:2]], axis=0)
+    out2 = ort.InferenceSession(str(q2), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    out1 = ort.InferenceSession(str(q1), providers=["CPUExecutionProvider"]).run(None, {"images": x[:1]})[0]
+    assert out2.shape[0] == 2
+    np.testing.assert_allclose(out2[0, :4], out1[0, :4], atol=1e-3 * float(np.abs(out1[0, :4]).max()))
