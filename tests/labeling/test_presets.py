@@ -17,7 +17,7 @@ def write(tmp_path, data, name="p.yaml"):
     return p
 
 
-DETECTOR_KEYS = "model, revision, box_floor, nms_iou, image_size, max_detections, batch_size, actors"
+DETECTOR_KEYS = "model, revision, box_floor, nms_iou, image_size, max_detections, batch_size, actors, adapter"
 
 #: (YAML text, key path, what the message must say after "<file>: <key path>: ").
 BAD_PRESETS = [
