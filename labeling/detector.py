@@ -111,7 +111,9 @@ class GroundingDinoTeacher:
         if adapter is not None:
             from peft import PeftModel
 
-            net = PeftModel.from_pretrained(net, adapter).merge_and_unload()
+            from distillery.labeling.finetune.detector import peft_ready
+
+            net = PeftModel.from_pretrained(peft_ready(net), adapter).merge_and_unload()
         return processor, net
 
     def use_chunks(self, chunks: list) -> None:
