@@ -10,15 +10,17 @@ the unpadded frame, the convention of the model's ``pred_boxes`` and of labellin
 post-processing.
 
 Loss. transformers' own (``loss/loss_grounding_dino.py``: Hungarian matching, sigmoid focal
-loss on the tokens, L1 + GIoU on boxes, for the final decoder layer, every earlier layer
-and the two-stage encoder proposals) with two changes: the class <-> token map is the
-one above rather than the one transformers derives from the delimiters (which splits a
-prompt such as ``st. bernard`` in two and cannot join the prompts of one class), and
-ignore regions: an *unmatched* query whose predicted box lies at least half inside an
-ignore region (intersection over the prediction's area >= 0.5, mmdetection's
-``ignore_iof_thr`` idea) is left out of the classification loss; matched queries and box
-losses are unchanged. Every other unmatched query learns "no object", which is why the
-data must be exhaustively reviewed (:mod:`.data`).
+loss on the tokens, L1 + GIoU on boxes) on the final decoder layer and every earlier one,
+with three changes. The class <-> token map is the one above rather than the one
+transformers derives from the delimiters (which splits a prompt such as ``st. bernard`` in
+two and cannot join the prompts of one class). The two-stage encoder proposals are scored
+as mmdetection's DINO does (:func:`proposal_loss`): transformers computes that loss on
+detached queries and boxes (``modeling_grounding_dino.py``, ``target = ... .detach()``), so it
+trains neither the encoder nor its proposal heads. Ignore regions: an *unmatched* query
+whose predicted box lies at least half inside an ignore region (intersection over the
+prediction's area >= 0.5, mmdetection's ``ignore_iof_thr`` idea) is left out of the
+classification loss; matched queries and box losses are unchanged. Every other unmatched
+query learns "no object", which is why the data must be exhaustively reviewed (:mod:`.data`).
 
 Parameters (``method``): ``lora`` trains peft LoRA adapters (rank r, alpha = r, no dropout)
 on the linears of the encoder and decoder layers: attention (``query``, ``key``, ``value``,
@@ -249,33 +251,79 @@ def _ignore_aware_criterion():
 def grounding_dino_loss(logits, labels, device, pred_boxes, config, label_maps, text_mask, outputs_class=None,
                         outputs_coord=None, encoder_logits=None, encoder_pred_boxes=None):
     """Drop-in for transformers' ``GroundingDinoForObjectDetectionLoss`` (set it as the model's
-    ``loss_function``): the same matcher, losses and weights, always with the auxiliary
-    decoder-layer losses, but with each target's ``label_map`` in place of ``label_maps`` and
-    ignore regions honoured (module docstring). Returns ``(loss, loss_dict, aux_outputs)``."""
+    ``loss_function``) for the decoder: the same matcher, losses and weights on the final layer
+    and every earlier one, with each target's ``label_map`` in place of ``label_maps`` and
+    ignore regions honoured (module docstring). The encoder proposals are scored by
+    :func:`proposal_loss` instead: transformers' version of that loss runs on detached
+    queries and boxes and trains nothing but the text side. Returns ``(loss, loss_dict, aux)``."""
     from transformers.loss.loss_for_object_detection import _set_aux_loss
-    from transformers.loss.loss_grounding_dino import GroundingDinoHungarianMatcher
 
     label_maps = tuple(t["label_map"] for t in labels)
-    matcher = GroundingDinoHungarianMatcher(class_cost=config.class_cost, bbox_cost=config.bbox_cost,
-                                            giou_cost=config.giou_cost)
-    criterion = _ignore_aware_criterion()(matcher=matcher, focal_alpha=config.focal_alpha,
-                                          losses=["labels", "boxes", "cardinality"]).to(device)
     outputs = {"logits": logits, "pred_boxes": pred_boxes, "label_maps": label_maps, "text_mask": text_mask}
     aux = _set_aux_loss(outputs_class, outputs_coord)
     for a in aux:
         a.update(label_maps=label_maps, text_mask=text_mask)
     outputs["auxiliary_outputs"] = aux
-    loss_dict = criterion(outputs, labels)
-    weights = {"loss_ce": 2.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
-    if config.two_stage:
-        enc = {"logits": encoder_logits, "pred_boxes": encoder_pred_boxes, "label_maps": label_maps,
-               "text_mask": text_mask}
-        loss_dict.update({f"{k}_enc": v for k, v in criterion(enc, labels).items()})
-        weights.update({f"{k}_enc": v for k, v in list(weights.items())})
+    loss_dict = _criterion(config, device)(outputs, labels)
+    weights = _weights(config)
     for i in range(len(aux)):
-        weights.update({f"{k}_{i}": weights[k] for k in ("loss_ce", "loss_bbox", "loss_giou")})
+        weights.update({f"{k}_{i}": w for k, w in _weights(config).items()})
     loss = sum(loss_dict[k] * w for k, w in weights.items() if k in loss_dict)
     return loss, loss_dict, aux
+
+
+def _criterion(config, device):
+    from transformers.loss.loss_grounding_dino import GroundingDinoHungarianMatcher
+
+    matcher = GroundingDinoHungarianMatcher(class_cost=config.class_cost, bbox_cost=config.bbox_cost,
+                                            giou_cost=config.giou_cost)
+    return _ignore_aware_criterion()(matcher=matcher, focal_alpha=config.focal_alpha,
+                                     losses=["labels", "boxes", "cardinality"]).to(device)
+
+
+def _weights(config) -> dict:
+    """transformers' loss weights (its class weight is fixed at 2.0)."""
+    return {"loss_ce": 2.0, "loss_bbox": config.bbox_loss_coefficient, "loss_giou": config.giou_loss_coefficient}
+
+
+def proposal_loss(outputs, labels, attention_mask, config) -> tuple[torch.Tensor, dict]:
+    """The two-stage encoder-proposal loss as mmdetection's DINO computes it (``pre_decoder``):
+    the ``num_queries`` encoder positions with the highest class logit, their class logits
+    and boxes (``sigmoid`` of the encoder box logits), both with gradients, through the same
+    criterion and weights as the decoder. Padded positions (infinite box logits) are never
+    selected.
+
+    Args:
+        outputs: the model's output (``enc_outputs_class`` ``(B, HW, L)``, ``enc_outputs_coord_logits``
+            ``(B, HW, 4)``); labels: the targets; attention_mask: ``(B, T)`` of the captions.
+
+    Returns:
+        ``(weighted loss, {name + "_enc": value})``.
+    """
+    cls, coord = outputs.enc_outputs_class, outputs.enc_outputs_coord_logits
+    if cls is None:  # not a two-stage model
+        return torch.zeros((), device=outputs.logits.device), {}
+    score = cls.max(-1).values.masked_fill(~torch.isfinite(coord).all(-1), float("-inf"))
+    k = min(int(config.num_queries), score.shape[1])
+    top = torch.topk(score, k, dim=1).indices
+    logits = torch.gather(cls, 1, top[..., None].expand(-1, -1, cls.shape[-1]))
+    boxes = torch.gather(coord, 1, top[..., None].expand(-1, -1, 4)).sigmoid()
+    text_mask = torch.zeros_like(logits, dtype=torch.bool)
+    text_mask[:, :, : attention_mask.shape[1]] = attention_mask[:, None, :].bool()
+    label_maps = tuple(t["label_map"] for t in labels)
+    enc = {"logits": logits, "pred_boxes": boxes, "label_maps": label_maps, "text_mask": text_mask}
+    loss_dict = {f"{k}_enc": v for k, v in _criterion(config, logits.device)(enc, labels).items()}
+    loss = sum(loss_dict[f"{k}_enc"] * w for k, w in _weights(config).items())
+    return loss, loss_dict
+
+
+def training_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """The whole training loss of a batch of :class:`Collate`: the decoder layers'
+    (:func:`grounding_dino_loss`, through the model's own forward) plus :func:`proposal_loss`.
+    ``model`` may be wrapped (peft, DDP). Returns ``(loss, loss_dict)``."""
+    out = model(**batch)
+    enc, enc_dict = proposal_loss(out, batch["labels"], batch["attention_mask"], detection_model(model).config)
+    return out.loss + enc, {**out.loss_dict, **enc_dict}
 
 
 # -- batches ------------------------------------------------------------------------------
@@ -343,7 +391,7 @@ def train_epoch(model, loader, optimizer, device, clip: float = 0.1, on_step=Non
     params = [p for p in model.parameters() if p.requires_grad]
     total, steps = 0.0, 0
     for batch in loader:
-        loss = model(**to_device(batch, device)).loss
+        loss, _ = training_loss(model, to_device(batch, device))
         if not torch.isfinite(loss):
             raise TrainingDiverged(f"training loss is {loss.item()} at step {steps + 1}; lower --lr")
         optimizer.zero_grad(set_to_none=True)

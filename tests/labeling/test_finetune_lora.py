@@ -14,7 +14,7 @@ from distillery.labeling.detector import GroundingDinoTeacher
 from distillery.labeling.finetune.data import TrainImage
 from distillery.labeling.finetune.detector import (
     FROZEN_PREFIXES, LORA_LEAVES, CaptionSampler, Collate, detection_model, grounding_dino_loss, make_trainable,
-    parameter_counts, peft_ready,
+    parameter_counts, peft_ready, training_loss,
 )
 from distillery.labeling.ontology import Ontology
 from distillery.labeling.teachers import TeacherPreset
@@ -97,6 +97,25 @@ def test_heads_and_full_train_what_they_say(base_dir):
     full = make_trainable(model, "full")
     for n, p in full.named_parameters():
         assert p.requires_grad == (not n.startswith(FROZEN_PREFIXES)), n
+
+
+def test_heads_learn_and_the_encoder_proposal_head_only_through_proposal_loss(base_dir, batch):
+    _, model = load(base_dir)
+    heads = make_trainable(model, "heads").train()
+    detection_model(heads).loss_function = grounding_dino_loss
+    loss, parts = training_loss(heads, batch)
+    loss.backward()
+    assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc", "loss_ce_0"} <= set(parts)
+    grads = {n: p.grad for n, p in heads.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    # the last box layers start at zero (Deformable DETR's init), so at step 1 only they move
+    assert grads["model.encoder_output_bbox_embed.layers.2.weight"].any()
+    assert grads["model.decoder.bbox_embed.0.layers.2.weight"].any()
+    # transformers' own encoder loss scores detached proposals: its proposal box head gets nothing
+    _, model = load(base_dir)
+    stock = make_trainable(model, "heads").train()
+    stock(**batch).loss.backward()
+    assert stock.model.encoder_output_bbox_embed.layers[0].weight.grad is None
 
 
 def test_lora_invariants_init_gradients_frozen_base_save_reload_merge(base_dir, batch, tmp_path):
