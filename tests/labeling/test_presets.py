@@ -74,6 +74,8 @@ def test_every_bad_key_of_a_preset_gets_its_own_line(tmp_path):
     ({"device": "cpu", "precision": "fp16"}, "precision fp16 needs a GPU; use fp32 with device: cpu"),
     ({"segmenter": {"checkpoint": "nope/sam.pth"}}, "segmenter.checkpoint: '{dir}/nope/sam.pth' not found: download "
      "the vit_tiny checkpoint from the segment-anything release"),
+    ({"detector": {"adapter": "nope"}}, "detector.adapter: '{dir}/nope' is not a LoRA adapter folder (no "
+     "adapter_config.json in it)"),
 ])
 def test_checks_that_need_torch_or_files(tmp_path, tiny_teachers, change, message):
     data = yaml.safe_load(Path(tiny_teachers).read_text())
