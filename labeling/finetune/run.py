@@ -186,7 +186,7 @@ def train_loop(config: dict) -> None:
             loss = float(t) / world
         metrics = {"epoch": epoch, "train_loss": loss, "lr": lr_at(cfg, epoch), "steps": len(loader)}
         if rank == 0:
-            metrics.update(validate(model, processor, data, config["preset"], device))
+            metrics.update(fd.validate(model, processor, data.val, data.ontology, config["preset"], device))
             metrics["seconds"] = round(time.perf_counter() - t0, 2)
             history.append(metrics)
             save_checkpoint(out, epoch, {"epoch": epoch, "history": history, "optimizer": optimizer.state_dict(),
@@ -210,32 +210,6 @@ def load_base(model: str, revision: str | None):
 
     return (AutoProcessor.from_pretrained(model, revision=revision),
             GroundingDinoForObjectDetection.from_pretrained(model, revision=revision))
-
-
-def validate(model, processor, data: FinetuneData, preset: dict, device) -> dict:
-    """Box AP and AP50 on the validation images, labelled exactly as ``distillery label`` would
-    (the whole ontology in labelling's prompt chunks, the preset's thresholds and post-processing)."""
-    from distillery.engine.images import decode
-    from distillery.labeling.detector import GroundingDinoTeacher
-    from distillery.labeling.finetune.detector import box_ap
-
-    if not data.val:
-        return {"val_ap": None, "val_ap50": None}
-    net = getattr(model, "module", model)
-
-    class Loaded(GroundingDinoTeacher):
-        def load(self, *args):
-            return processor, net
-
-    d = preset["detector"]
-    teacher = Loaded("", data.ontology, device=str(device), box_floor=d["box_floor"], nms_iou=d["nms_iou"],
-                     image_size=d["image_size"], max_detections=d["max_detections"])
-    dets = []
-    for i in range(0, len(data.val), d["batch_size"]):
-        dets += teacher([decode(im.path).pixels for im in data.val[i:i + d["batch_size"]]])
-    model.train()
-    m = box_ap(data.val, dets, len(data.ontology.classes))
-    return {"val_ap": m["ap"], "val_ap50": m["ap50"]}
 
 
 def save_weights(model, processor, method: str, out: Path) -> Path:
