@@ -165,7 +165,7 @@ def train_loop(config: dict) -> None:
         history, start = state["history"], state["epoch"] + 1
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False,
-                                              parallel_strategy_kwargs={"find_unused_parameters": True})
+                                              parallel_strategy_kwargs={"find_unused_parameters": cfg.method != "lora"})
     sampler = CaptionSampler(data.ontology, processor.tokenizer, int(fd.detection_model(model).config.max_text_len),
                              cfg.max_classes)
     dataset = fd.DetectionDataset(data.train, sampler, cfg.seed, cfg.flip)
