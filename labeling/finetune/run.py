@@ -17,7 +17,9 @@ reseeded each epoch, so a resumed run repeats what the uninterrupted run would h
 Scale: ``workers=0`` trains on one device in this process (the preset's ``device``); ``workers=N``
 runs the same loop on N Ray Train workers (``TorchTrainer``, DistributedDataParallel; one GPU
 each where the cluster has GPUs, else CPU processes with the gloo backend). Worker 0 writes
-checkpoints and weights to ``OUT``, so on a multi-node cluster ``OUT`` must be shared storage.
+checkpoints and weights to ``OUT``, so on a multi-node cluster ``OUT`` must be shared storage;
+it also validates each epoch while the other workers wait. Training runs in float32 whatever
+the preset's ``precision`` (which applies to labelling).
 """
 
 from __future__ import annotations
