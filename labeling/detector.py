@@ -139,6 +139,8 @@ class GroundingDinoTeacher:
         image_size: ``{"shortest_edge": int, "longest_edge": int}`` resize of the processor
             (None keeps the model's own, 800/1333 for the released checkpoints).
         max_detections: at most this many boxes per image after NMS, best first.
+        adapter: a peft LoRA adapter directory (``distillery teachers finetune``), loaded onto
+            ``model`` and merged into its weights (``merge_and_unload``) for inference.
 
     Raises:
         ValueError: unknown ``precision`` or ``merge``.
@@ -159,9 +161,8 @@ class GroundingDinoTeacher:
         image_size: dict | None = None,
         max_detections: int = 300,
         merge: str = "agnostic",
+        adapter: str | None = None,
     ) -> None:
-        from transformers import AutoProcessor, GroundingDinoForObjectDetection
-
         self.device = resolve_device(device)
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
@@ -169,24 +170,43 @@ class GroundingDinoTeacher:
             raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}, got {merge!r}")
         self.merge = merge
         self.dtype = DTYPES[precision] if self.device.type == "cuda" else torch.float32
-        self.processor = AutoProcessor.from_pretrained(model, revision=revision)
-        self.model = GroundingDinoForObjectDetection.from_pretrained(model, revision=revision)
+        self.processor, self.model = self.load(model, revision, adapter)
         self.model.to(self.device, self.dtype).eval()
         self.ontology = ontology
         self.max_text_len = int(self.model.config.max_text_len)
-        self.chunks = build_chunks(ontology, self.processor.tokenizer, self.max_text_len)
+        self.use_chunks(build_chunks(ontology, self.processor.tokenizer, self.max_text_len))
+        self.box_floor = float(box_floor)
+        self.nms_iou = float(nms_iou)
+        self.image_size = dict(image_size) if image_size else None
+        self.max_detections = int(max_detections)
+
+    def load(self, model: str, revision: str | None, adapter: str | None):
+        """``(processor, GroundingDinoForObjectDetection)`` from ``model``; with ``adapter``, the
+        LoRA adapter merged into the weights (peft ``merge_and_unload``)."""
+        from transformers import AutoProcessor, GroundingDinoForObjectDetection
+
+        processor = AutoProcessor.from_pretrained(model, revision=revision)
+        net = GroundingDinoForObjectDetection.from_pretrained(model, revision=revision)
+        if adapter is not None:
+            from peft import PeftModel
+
+            from distillery.labeling.finetune.detector import peft_ready
+
+            net = PeftModel.from_pretrained(peft_ready(net), adapter).merge_and_unload()
+        return processor, net
+
+    def use_chunks(self, chunks: list) -> None:
+        """Caption the images with these prompt chunks (:class:`distillery.labeling.ontology.PromptChunk`
+        of ``self.ontology``) from now on; ``__init__`` uses :func:`build_chunks` of the whole ontology."""
+        self.chunks = list(chunks)
         self._text = [
             self.processor.tokenizer(c.text, return_tensors="pt", return_token_type_ids=True) for c in self.chunks
         ]
         # (P_chunk, L) positive maps and, per chunk, prompt -> class index
         self._posmaps = [torch.from_numpy(c.positive_map) for c in self.chunks]
         self._prompt_class = [
-            torch.tensor([ontology.prompt_class[p] for p in c.prompt_ids], dtype=torch.long) for c in self.chunks
+            torch.tensor([self.ontology.prompt_class[p] for p in c.prompt_ids], dtype=torch.long) for c in self.chunks
         ]
-        self.box_floor = float(box_floor)
-        self.nms_iou = float(nms_iou)
-        self.image_size = dict(image_size) if image_size else None
-        self.max_detections = int(max_detections)
 
     # -- steps -------------------------------------------------------------------------
     def preprocess(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:

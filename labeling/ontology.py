@@ -260,34 +260,52 @@ def build_chunks(ontology: Ontology, tokenizer, max_text_len: int = 256) -> list
 
     chunks: list[PromptChunk] = []
     current: list[int] = []
-
-    def layout(members):
-        text, ranges = "", []
-        for k in members:
-            start = len(text)
-            text += ontology.prompts[k]
-            ranges.append((start, len(text)))
-            text += " . "
-        return text.rstrip(" ") , ranges
-
-    def emit(members):
-        text, ranges = layout(members)
-        ids, spans = _spans(tokenizer, text, ranges)
-        pm = np.zeros((len(members), max_text_len), np.float32)
-        for row, toks in enumerate(spans):
-            if not toks:
-                raise OntologyError(f"prompt {ontology.prompts[members[row]]!r} lost its tokens in a caption")
-            pm[row, toks] = 1.0 / len(toks)
-        chunks.append(PromptChunk(text, tuple(members), pm, len(ids)))
-
     for i in range(len(ontology.prompts)):
         trial = current + [i]
-        text, _ = layout(trial)
+        text, _ = _layout(ontology, trial)
         n = len(tokenizer(text, add_special_tokens=True)["input_ids"])
         if n > max_text_len and current:
-            emit(current)
+            chunks.append(caption_chunk(ontology, tokenizer, current, max_text_len))
             current = [i]
         else:
             current = trial
-    emit(current)
+    chunks.append(caption_chunk(ontology, tokenizer, current, max_text_len))
     return chunks
+
+
+def _layout(ontology: Ontology, members) -> tuple[str, list[tuple[int, int]]]:
+    """The caption of prompts ``members`` (in that order) and each prompt's character range."""
+    text, ranges = "", []
+    for k in members:
+        start = len(text)
+        text += ontology.prompts[k]
+        ranges.append((start, len(text)))
+        text += " . "
+    return text.rstrip(" "), ranges
+
+
+def caption_chunk(ontology: Ontology, tokenizer, prompt_ids, max_text_len: int = 256) -> PromptChunk:
+    """The caption of the prompts ``prompt_ids``, in that order, and its token spans: the one
+    layout and span code that labelling (:func:`build_chunks`) and teacher fine-tuning share.
+
+    Args:
+        prompt_ids: indices into ``ontology.prompts`` (at least one).
+        tokenizer: a fast Hugging Face tokenizer; max_text_len: as :func:`build_chunks`.
+
+    Raises:
+        OntologyError: the caption exceeds ``max_text_len`` tokens, or a prompt has no token
+            besides delimiters.
+    """
+    members = [int(k) for k in prompt_ids]
+    if not members:
+        raise OntologyError("a caption needs at least one prompt")
+    text, ranges = _layout(ontology, members)
+    ids, spans = _spans(tokenizer, text, ranges)
+    if len(ids) > max_text_len:
+        raise OntologyError(f"caption of {len(members)} prompts is {len(ids)} tokens; at most {max_text_len} fit")
+    pm = np.zeros((len(members), max_text_len), np.float32)
+    for row, toks in enumerate(spans):
+        if not toks:
+            raise OntologyError(f"prompt {ontology.prompts[members[row]]!r} lost its tokens in a caption")
+        pm[row, toks] = 1.0 / len(toks)
+    return PromptChunk(text, tuple(members), pm, len(ids))

@@ -5,6 +5,7 @@ A preset names the two teachers and their settings::
     detector:                       # Grounding DINO, anything transformers' from_pretrained loads
       model: IDEA-Research/grounding-dino-tiny
       revision: null
+      adapter: null                 # a LoRA adapter folder from `distillery teachers finetune`
       box_floor: 0.05
       nms_iou: 0.7
       merge: agnostic               # agnostic: one instance per object | class-aware: NMS per class
@@ -21,8 +22,8 @@ A preset names the two teachers and their settings::
     device: auto                    # auto | cpu | cuda
     precision: fp32                 # fp32 | fp16 | bf16 (GPU only)
 
-Relative paths (a local detector directory, the SAM checkpoint) are relative to the
-preset file's folder.
+Relative paths (a local detector directory, the detector adapter, the SAM checkpoint) are
+relative to the preset file's folder.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class DetectorConfig(StrictConfig):
     max_detections: PositiveInt = 300
     batch_size: PositiveInt = 4
     actors: PositiveInt = 1
+    adapter: str | None = None
 
     @field_validator("model")
     @classmethod
@@ -91,6 +93,20 @@ class DetectorConfig(StrictConfig):
         base = _base(info)
         if base is not None and (local := Path(base) / os.path.expanduser(v)).is_dir():
             return str(local.resolve())
+        return v
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_dir(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """A peft adapter folder (``adapter_config.json`` in it), made absolute against the preset's folder."""
+        if v is None:
+            return v
+        base = _base(info)
+        if base is not None:
+            v = str((Path(base) / os.path.expanduser(v)).resolve())
+        if not (Path(v) / "adapter_config.json").is_file():
+            raise ValueError(f"{v!r} is not a LoRA adapter folder (no adapter_config.json in it); give the adapter/ "
+                             "folder that `distillery teachers finetune` wrote, or remove the key")
         return v
 
 
@@ -236,6 +252,16 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _HASH_CACHE[key]
 
 
+def adapter_sha256(folder: str | os.PathLike) -> str:
+    """sha256 of a peft adapter folder: over the sorted names and sha256 of its ``adapter_config.json``
+    (rank, scaling, target modules) and weight files (``*.safetensors``, ``*.bin``)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file() and (f.name == "adapter_config.json" or f.suffix in (".safetensors", ".bin")):
+            h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
 def detector_identity(model: str, revision: str | None) -> dict:
     """What identifies the detector's weights: for a local directory, sha256 of its config and
     weight files (so moving the folder keeps the id); for a hub id, the id, the revision
@@ -260,16 +286,20 @@ def detector_identity(model: str, revision: str | None) -> dict:
 
 def labelset_spec(ontology: Ontology, preset: TeacherPreset) -> dict:
     """Everything that changes the labels, hashed into the label set id (see engine.store.fingerprint).
+    A detector adapter adds its :func:`adapter_sha256` (absent without one, so ids stay as they were).
 
     Not in it: batch sizes, actor counts, the device, and ``max_pixels`` (it decides which
     images are labeled, not their labels; a rerun with a larger limit labels the images
     that were too large, in the same label set)."""
     d, s = preset.detector, preset.segmenter
+    detector = {"type": "grounding-dino", **detector_identity(d.model, d.revision)}
+    if d.adapter is not None:
+        detector["adapter_sha256"] = adapter_sha256(d.adapter)
     return {
         "kind": "teacher",
         "ontology": ontology.to_dict(),
         "teachers": {
-            "detector": {"type": "grounding-dino", **detector_identity(d.model, d.revision)},
+            "detector": detector,
             "segmenter": {
                 "type": "segment-anything",
                 "model_type": s.model_type,
@@ -299,6 +329,7 @@ class DetectStage:
             d.model, Ontology.from_dict(ontology), revision=d.revision, device=p.device, precision=p.precision,
             box_floor=d.box_floor, nms_iou=d.nms_iou, image_size=d.image_size, max_detections=d.max_detections,
             merge=d.merge,
+            adapter=d.adapter,
         )
         self.num_classes = len(self.teacher.ontology.classes)
 

@@ -17,7 +17,7 @@ def write(tmp_path, data, name="p.yaml"):
     return p
 
 
-DETECTOR_KEYS = "model, revision, box_floor, nms_iou, merge, image_size, max_detections, batch_size, actors"
+DETECTOR_KEYS = "model, revision, box_floor, nms_iou, merge, image_size, max_detections, batch_size, actors, adapter"
 
 #: (YAML text, key path, what the message must say after "<file>: <key path>: ").
 BAD_PRESETS = [
@@ -74,6 +74,8 @@ def test_every_bad_key_of_a_preset_gets_its_own_line(tmp_path):
     ({"device": "cpu", "precision": "fp16"}, "precision fp16 needs a GPU; use fp32 with device: cpu"),
     ({"segmenter": {"checkpoint": "nope/sam.pth"}}, "segmenter.checkpoint: '{dir}/nope/sam.pth' not found: download "
      "the vit_tiny checkpoint from the segment-anything release"),
+    ({"detector": {"adapter": "nope"}}, "detector.adapter: '{dir}/nope' is not a LoRA adapter folder (no "
+     "adapter_config.json in it)"),
 ])
 def test_checks_that_need_torch_or_files(tmp_path, tiny_teachers, change, message):
     data = yaml.safe_load(Path(tiny_teachers).read_text())

@@ -1,0 +1,391 @@
+"""A teacher fine-tuning run: data, training (in this process or on Ray Train), checkpoints,
+resume, and what it leaves in ``OUT``::
+
+    OUT/run.json              # what this run trains on and how (checked again by --resume)
+    OUT/checkpoints/epoch-NNNN.pt   # after every epoch: trainable weights, optimizer, history
+    OUT/adapter/              # method lora: the peft LoRA adapter (adapter_config.json, .safetensors)
+    OUT/model/                # methods heads, full: the whole detector (save_pretrained) and processor
+    OUT/preset.yaml           # the input preset, pointing at them (detector.adapter or detector.model)
+    OUT/finetune.json         # provenance: base model, weights sha256, label set, curation, data hash,
+                              # hyperparameters, seed, per-epoch loss and validation AP, data counts
+
+A checkpoint is written whole under a temporary name and renamed, so ``kill -9`` loses at
+most the epoch in flight; ``resume=True`` continues after the last checkpoint. Captions,
+flips and sampling order are drawn from seeds of (seed, epoch), and the torch generator is
+reseeded each epoch, so a resumed run repeats what the uninterrupted run would have done.
+
+Scale: ``workers=0`` trains on one device in this process (the preset's ``device``); ``workers=N``
+runs the same loop on N Ray Train workers (``TorchTrainer``, DistributedDataParallel; one GPU
+each where the cluster has GPUs, else CPU processes with the gloo backend). Worker 0 writes
+checkpoints and weights to ``OUT``, so on a multi-node cluster ``OUT`` must be shared storage;
+it also validates each epoch while the other workers wait. Training runs in float32 whatever
+the preset's ``precision`` (which applies to labelling).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from distillery.labeling.finetune.data import FinetuneData, select_training_data
+from distillery.labeling.finetune.detector import CaptionError, CaptionSampler, METHODS
+
+
+class FinetuneError(ValueError):
+    """A fine-tuning run cannot start or continue; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Hyperparameters (defaults: mmdetection's Grounding DINO fine-tune recipe, AdamW with
+    lr 1e-4, weight decay 1e-4, gradient norm clipped to 0.1, learning rate x0.1 for the last
+    twelfth of the epochs; Open-GroundingDino's 80 classes per caption).
+
+    Attributes:
+        method: ``lora``, ``heads`` or ``full`` (:mod:`.detector`); rank: LoRA rank (alpha = rank).
+        epochs, lr, weight_decay, clip, batch (images per device and step), seed.
+        val_fraction: images held out by image id; flip: probability of a left-right flip.
+        max_classes: classes per training caption at most; curation: version (None: latest, 0: none).
+        workers: 0 trains in this process; N >= 1 on N Ray Train workers.
+    """
+
+    method: str = "lora"
+    epochs: int = 12
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    clip: float = 0.1
+    batch: int = 4
+    rank: int = 16
+    seed: int = 0
+    val_fraction: float = 0.1
+    flip: float = 0.5
+    max_classes: int = 80
+    curation: int | None = None
+    workers: int = 0
+
+    def check(self) -> None:
+        """Raises FinetuneError naming the bad setting."""
+        if self.method not in METHODS:
+            raise FinetuneError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("epochs", "batch", "rank", "max_classes"):
+            if getattr(self, name) < 1:
+                raise FinetuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and self.weight_decay >= 0 and self.clip > 0):
+            raise FinetuneError(f"--lr and the gradient clip must be > 0, weight decay >= 0 (got lr {self.lr})")
+        if not 0.0 <= self.val_fraction < 1.0 or not 0.0 <= self.flip <= 1.0:
+            raise FinetuneError(f"--val-fraction must lie in [0, 1) and flip in [0, 1], got {self.val_fraction}, "
+                                f"{self.flip}")
+
+
+def lr_at(cfg: FinetuneConfig, epoch: int) -> float:
+    """Learning rate of epoch ``epoch`` (1-based): ``lr``, then x0.1 from epoch ``round(11/12 *
+    epochs) + 1`` on (mmdetection's 12-epoch schedule steps at epoch 11), for runs of 2+ epochs."""
+    step = round(cfg.epochs * 11 / 12)
+    return cfg.lr * (0.1 if cfg.epochs >= 2 and epoch > step else 1.0)
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in ``out``, oldest first."""
+    d = Path(out) / "checkpoints"
+    return sorted(d.glob("epoch-[0-9][0-9][0-9][0-9].pt")) if d.is_dir() else []
+
+
+def save_checkpoint(out: Path, epoch: int, state: dict) -> Path:
+    """Write ``state`` as ``checkpoints/epoch-NNNN.pt`` (temporary name, fsync, rename), then
+    remove older checkpoints."""
+    import torch
+
+    d = Path(out) / "checkpoints"
+    d.mkdir(parents=True, exist_ok=True)
+    path, tmp = d / f"epoch-{epoch:04d}.pt", d / f".tmp-epoch-{epoch:04d}.pt"
+    torch.save(state, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in checkpoints(out)[:-1]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# -- the training loop (one process, or one Ray Train worker) -----------------------------
+
+def _trainable(model) -> dict:
+    inner = getattr(model, "module", model)
+    return {n: p for n, p in inner.named_parameters() if p.requires_grad}
+
+
+def train_loop(config: dict) -> None:
+    """Train, validate and checkpoint every epoch from the last checkpoint in ``config["out"]``
+    on; then write the weights. Runs as is in this process, or as Ray Train's
+    ``train_loop_per_worker`` (``config["ray"]`` True)."""
+    import torch
+
+    from distillery.labeling.detector import resolve_device
+    from distillery.labeling.finetune import detector as fd
+
+    cfg, data, out = FinetuneConfig(**config["cfg"]), config["data"], Path(config["out"])
+    det = config["preset"]["detector"]
+    rank, world = 0, 1
+    if config.get("ray"):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        device = ray.train.torch.get_device()
+    else:
+        device = resolve_device(config["preset"]["device"])
+    torch.manual_seed(cfg.seed)
+    processor, model = load_base(det["model"], det["revision"])
+    model = fd.make_trainable(model, cfg.method, cfg.rank)
+    counts = fd.parameter_counts(model)
+    fd.detection_model(model).loss_function = fd.grounding_dino_loss
+    model.to(device)
+    params = list(_trainable(model).values())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history, start = [], 1
+    if ckpts := checkpoints(out):
+        state = load_checkpoint(ckpts[-1])
+        trainable = _trainable(model)
+        for name, value in state["trainable"].items():
+            trainable[name].data.copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["epoch"] + 1
+    if world > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False,
+                                              parallel_strategy_kwargs={"find_unused_parameters": cfg.method != "lora"})
+    sampler = CaptionSampler(data.ontology, processor.tokenizer, int(fd.detection_model(model).config.max_text_len),
+                             cfg.max_classes)
+    dataset = fd.DetectionDataset(data.train, sampler, cfg.seed, cfg.flip)
+    order = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, sampler=order,
+                                         collate_fn=fd.Collate(processor, det.get("image_size")))
+    log = config.get("log") or (lambda line: None)
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, epoch)
+        dataset.set_epoch(epoch), order.set_epoch(epoch)
+        torch.manual_seed(cfg.seed * 100_003 + epoch)
+        loss = fd.train_epoch(model, loader, optimizer, device, cfg.clip)
+        if world > 1:
+            t = torch.tensor([loss], device=device)
+            torch.distributed.all_reduce(t)
+            loss = float(t) / world
+        metrics = {"epoch": epoch, "train_loss": loss, "lr": lr_at(cfg, epoch), "steps": len(loader)}
+        if rank == 0:
+            metrics.update(fd.validate(model, processor, data.val, data.ontology, config["preset"], device))
+            metrics["seconds"] = round(time.perf_counter() - t0, 2)
+            history.append(metrics)
+            save_checkpoint(out, epoch, {"epoch": epoch, "history": history, "optimizer": optimizer.state_dict(),
+                                         "parameters": counts,
+                                         "trainable": {n: p.detach().cpu() for n, p in _trainable(model).items()}})
+            log(f"epoch {epoch}/{cfg.epochs}: train loss {loss:.4f}, val AP50 {_fmt(metrics['val_ap50'])}, "
+                f"AP {_fmt(metrics['val_ap'])} ({metrics['seconds']:.1f} s)")
+        if config.get("ray"):
+            ray.train.report({k: v for k, v in metrics.items() if v is not None})
+    if rank == 0:
+        save_weights(model, processor, cfg.method, out)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def load_base(model: str, revision: str | None):
+    """``(processor, GroundingDinoForObjectDetection)`` of the preset's detector, as labelling loads it."""
+    from transformers import AutoProcessor, GroundingDinoForObjectDetection
+
+    return (AutoProcessor.from_pretrained(model, revision=revision),
+            GroundingDinoForObjectDetection.from_pretrained(model, revision=revision))
+
+
+def save_weights(model, processor, method: str, out: Path) -> Path:
+    """``OUT/adapter`` (lora: peft ``save_pretrained``) or ``OUT/model`` (the whole detector and
+    its processor), written to a temporary folder and renamed into place."""
+    from distillery.labeling.finetune.detector import detection_model
+
+    net = getattr(model, "module", model)
+    final = Path(out) / ("adapter" if method == "lora" else "model")
+    tmp = Path(out) / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if method == "lora":
+        net.save_pretrained(tmp)
+    else:
+        detection_model(net).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+# -- the run ------------------------------------------------------------------------------
+
+def captionable(data: FinetuneData, sampler: CaptionSampler) -> FinetuneData:
+    """``data`` without the images whose positive classes alone exceed one caption (counted as
+    ``skipped_caption_too_long``; their objects could not all be named, so the image would teach misses)."""
+    keep = []
+    for im in data.images:
+        try:
+            sampler.check(im.classes)
+            keep.append(im)
+        except CaptionError:
+            data.counts["skipped_caption_too_long"] += 1
+            data.counts["used_val" if im.val else "used_train"] -= 1
+    data.images = keep
+    return data
+
+
+def _prepare_out(out: Path, identity: dict, resume: bool, log) -> None:
+    previous = out / "run.json"
+    if not resume:
+        if previous.exists() or checkpoints(out) or (out / "finetune.json").exists():
+            raise FinetuneError(f"{out} holds an earlier fine-tuning run: pass --resume to continue it, or choose "
+                                "another --out")
+    elif previous.exists():
+        before = json.loads(previous.read_text())
+        changed = sorted(k for k in set(before) | set(identity) if before.get(k) != identity.get(k))
+        if changed:
+            raise FinetuneError(f"--resume: {out} was trained with other {', '.join(changed)} ({previous}); rerun "
+                                "with the same options, or choose another --out")
+        done = checkpoints(out)
+        log(f"resuming after epoch {int(done[-1].stem.split('-')[1])}" if done else "resuming: no checkpoint yet")
+    else:
+        log(f"--resume: nothing to resume in {out}; starting")
+    out.mkdir(parents=True, exist_ok=True)
+    previous.write_text(json.dumps(identity, indent=2, sort_keys=True))
+
+
+def run_ray(config: dict, workers: int, want_gpu: bool, ray_address: str | None) -> None:
+    """``train_loop`` on ``workers`` Ray Train workers (``TorchTrainer``): one GPU each when
+    ``want_gpu`` and the cluster has that many, else CPU workers over gloo."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        if ray_address:
+            ray.init(address=ray_address)
+        else:
+            ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False)
+    gpu = want_gpu and ray.cluster_resources().get("GPU", 0) >= workers
+    out = Path(config["out"]).resolve()
+    trainer = TorchTrainer(
+        train_loop, train_loop_config={**config, "ray": True, "log": print},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        run_config=RunConfig(name="finetune", storage_path=str(out / "ray")),
+    )
+    try:
+        trainer.fit()
+    except ray.exceptions.RayError as e:  # TrainingFailedError and other Ray failures: the workers' error
+        raise FinetuneError(f"Ray Train failed: {str(e).strip().splitlines()[-1]}") from e
+
+
+def finetune_detector(preset_path, store, labelset: str | None, out, cfg: FinetuneConfig, resume: bool = False,
+                      ray_address: str | None = None, log=print) -> dict:
+    """Fine-tune the preset's Grounding DINO on a label set (see the module docstring).
+
+    Args:
+        preset_path: a teachers preset (its detector is the base; it must have no adapter).
+        store, labelset: the label store and a label set name or id (None: the store's only one).
+        out: the output folder; cfg: hyperparameters; resume: continue the run in ``out``.
+        ray_address: a Ray cluster for ``cfg.workers`` >= 1 (None: a local one).
+        log: called with progress lines.
+
+    Returns:
+        the provenance written to ``OUT/finetune.json``.
+
+    Raises:
+        FinetuneError: bad settings, nothing to train on, ``out`` holds another run, or a
+            resumed run with other inputs; PresetError, StoreError: as their loaders.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from distillery.engine.store import LabelStore
+    from distillery.labeling.teachers import TeacherPreset, detector_identity
+
+    cfg.check()
+    preset = TeacherPreset.load(preset_path)
+    det = preset.detector
+    if det.adapter is not None:
+        raise FinetuneError(f"{preset_path}: detector.adapter is set; fine-tune from the base preset (without the "
+                            "adapter key) so that the new adapter applies to the weights it was trained on")
+    ls = LabelStore(store).open(labelset)
+    data = select_training_data(ls, cfg.curation, cfg.val_fraction)
+    tokenizer = AutoTokenizer.from_pretrained(det.model, revision=det.revision)
+    max_text_len = int(getattr(AutoConfig.from_pretrained(det.model, revision=det.revision), "max_text_len", 256))
+    data = captionable(data, CaptionSampler(data.ontology, tokenizer, max_text_len, cfg.max_classes))
+    log(data.summary())
+    if not data.train:
+        raise FinetuneError(
+            f"nothing to train on: {data.summary()}. The detector learns only from images a person reviewed "
+            "exhaustively: accept whole images in curation (sample tag accept), decide every instance of an image, "
+            "or fine-tune on ground truth imported with `distillery labels import`")
+    identity = {"labelset": ls.id, "curation_version": data.curation_version,
+                "training_data_sha256": data.instance_ids_sha256(), "base": detector_identity(det.model, det.revision),
+                "hyperparameters": asdict(cfg)}
+    out = Path(out)
+    _prepare_out(out, identity, resume, log)
+    config = {"cfg": asdict(cfg), "data": data, "out": str(out), "preset": preset.to_dict()}
+    if cfg.workers:
+        run_ray(config, cfg.workers, preset.device != "cpu", ray_address)
+    else:
+        train_loop({**config, "log": log})
+    return write_outputs(out, preset, data, cfg, identity)
+
+
+def write_outputs(out: Path, preset, data: FinetuneData, cfg: FinetuneConfig, identity: dict) -> dict:
+    """``OUT/preset.yaml`` and ``OUT/finetune.json`` after the last epoch (module docstring)."""
+    from distillery.labeling.teachers import TeacherPreset, adapter_sha256, detector_identity
+
+    state = load_checkpoint(checkpoints(out)[-1])
+    d = preset.to_dict()
+    if cfg.method == "lora":
+        weights = {"path": "adapter", "adapter_sha256": adapter_sha256(out / "adapter"),
+                   "bytes": sum(f.stat().st_size for f in (out / "adapter").iterdir() if f.is_file())}
+        d["detector"]["adapter"] = "adapter"
+    else:
+        files = detector_identity(str(out / "model"), None)["files"]
+        weights = {"path": "model", "files": files,
+                   "bytes": sum(f.stat().st_size for f in (out / "model").iterdir() if f.is_file())}
+        d["detector"]["model"], d["detector"]["revision"] = "model", None
+    path = out / "preset.yaml"
+    header = (f"# Written by `distillery teachers finetune` ({cfg.method}) from label set {data.labelset}; "
+              "see finetune.json beside it.\n")
+    path.write_text(header + yaml.safe_dump(d, sort_keys=False))
+    TeacherPreset.load(path)  # the preset must load as written
+    base = preset.detector
+    record = {
+        "component": "detector", "method": cfg.method,
+        "base_model": {"model": base.model, "revision": base.revision, "identity": identity["base"]},
+        "weights": weights, "adapter_sha256": weights.get("adapter_sha256"),
+        "preset": "preset.yaml",
+        "labelset": {"id": data.labelset, "name": data.labelset_name, "kind": data.kind},
+        "curation_version": data.curation_version,
+        "training_data": {"instance_ids_sha256": identity["training_data_sha256"],
+                          "train_images": len(data.train), "val_images": len(data.val), "counts": dict(data.counts)},
+        "ontology": data.ontology.to_dict(),
+        "hyperparameters": asdict(cfg), "seed": cfg.seed,
+        "parameters": state.get("parameters"),
+        "epochs": state["history"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    tmp = out / ".finetune.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out / "finetune.json")
+    return record
