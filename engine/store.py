@@ -38,6 +38,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from datetime import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -453,7 +454,8 @@ class LabelStore:
             manifest = {
                 "schema_version": SCHEMA_VERSION,
                 "labelset_id": ls_id,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                # microseconds: label sets are listed oldest first, and two made in one second must not tie
+                "created": datetime.now().astimezone().isoformat(timespec="microseconds"),
                 "distillery_version": _package_version(),
                 **spec,
                 **(extra or {}),
