@@ -77,7 +77,9 @@ def teacher_label(preset_path: Path) -> str:
 
 def read_finetune(preset_path: Path) -> tuple[dict | None, Path]:
     """``finetune.json`` beside ``preset_path``: ``{"labelset": str, "val_fraction": float}``
-    (other keys are kept but not read), or None when there is none.
+    (other keys are kept but not read), or None when there is none. The file ``teachers
+    finetune`` writes (``labelset: {id, name, kind}``, ``hyperparameters.val_fraction``) is
+    read into that form.
 
     Raises:
         TeacherEvalError: unreadable JSON, or a missing or invalid ``labelset`` /
@@ -90,6 +92,9 @@ def read_finetune(preset_path: Path) -> tuple[dict | None, Path]:
         ft = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise TeacherEvalError(f"{path}: cannot be read as JSON ({e}); it records how the teacher was fine-tuned") from e
+    if isinstance(ft, dict) and isinstance(ft.get("labelset"), dict):  # as `teachers finetune` writes it
+        ft = {**ft, "labelset": ft["labelset"].get("id"),
+              "val_fraction": ft.get("val_fraction", (ft.get("hyperparameters") or {}).get("val_fraction"))}
     if not isinstance(ft, dict) or not isinstance(ft.get("labelset"), str):
         raise TeacherEvalError(f"{path}: key 'labelset' (id or name of the label set fine-tuned on) is missing")
     v = ft.get("val_fraction")

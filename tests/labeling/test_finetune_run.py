@@ -131,6 +131,18 @@ def test_finetune_writes_adapter_preset_provenance_and_labels_into_a_new_set(sma
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in old.shards()} == before
     assert new.counts().images == 2
 
+    # the loop closes: `teachers eval` reads this finetune.json (label set, split) and compares the
+    # base and the tuned teacher side by side on the GT's held-out images
+    from distillery.labeling.teacher_eval import read_finetune
+
+    ft, _ = read_finetune(out / "preset.yaml")
+    assert (ft["labelset"], ft["val_fraction"]) == (data.labelset, 0.34)
+    log = run(["teachers", "eval", "--teachers", small_preset, "--teachers", out / "preset.yaml", "--store", store,
+               "--labelset", "gt6", "--out", tmp_path / "eval"])
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert len(report["teachers"]) == 2 and "B-A" in log.replace("−", "-"), log
+    assert report["images"] == len(data.val), report["images"]
+
     # refusals, each one line
     cmd = ["teachers", "finetune", "--teachers", small_preset, "--store", store, "--out", out]
     for args, msg in [
