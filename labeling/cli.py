@@ -365,15 +365,17 @@ def _echo_table(rows, worse=None) -> None:
 @click.option("--curation", type=click.IntRange(min=0), default=None,
               help="Curation version to apply (default: the latest; 0: none).")
 @click.option("--component", type=click.Choice(["detector", "segmenter", "both"]), default="detector",
-              show_default=True)
+              show_default=True, help="detector: Grounding DINO; segmenter: SAM's mask decoder (its image and "
+                                      "prompt encoders stay frozen); both: the detector, then SAM, into one OUT.")
 @click.option("--method", type=click.Choice(["lora", "heads", "full"]), default="lora", show_default=True,
-              help="lora: LoRA adapters on the encoder/decoder linears; heads: the box heads only; "
-                   "full: all but the frozen Swin and BERT.")
+              help="Detector only (SAM always trains its mask decoder). lora: LoRA adapters on the encoder/decoder "
+                   "linears; heads: the box heads only; full: all but the frozen Swin and BERT.")
 @click.option("--out", required=True, type=Output(folder=True, example="ft/"),
               help="Folder for the weights, preset.yaml, finetune.json and checkpoints.")
-@click.option("--epochs", type=click.IntRange(min=1), default=12, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True)
-@click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Images per device and step.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: detector 12, SAM 10.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Default: 1e-4 for both.")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Detector: images per device and step (default 4); SAM: box-mask pairs per step (default 8).")
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = rank).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
@@ -394,7 +396,8 @@ def teachers_finetune(preset_path, store, labelset, curation, component, method,
 
     The detector learns only from images a person reviewed exhaustively (a whole-image
     accept, every instance decided, or imported ground truth); accepted and relabelled
-    instances are its targets, rejected ones background, ignored ones left out.
+    instances are its targets, rejected ones background, ignored ones left out. SAM learns
+    the masks of confirmed instances (accepted, relabelled, or ground truth) in any image.
     Labelling with OUT/preset.yaml makes a new label set.
 
     \b
@@ -404,20 +407,41 @@ def teachers_finetune(preset_path, store, labelset, curation, component, method,
       distillery label imgs/ --ontology coco80 --teachers ft/preset.yaml --store store/ --name coco128-ft
     """
     from distillery.labeling.finetune.run import FinetuneConfig, finetune_detector
+    from distillery.labeling.finetune.sam_run import SAM_DEFAULTS, SamFinetuneConfig, finetune_both, finetune_segmenter
     from distillery.labeling.teachers import PresetError
 
-    if component != "detector":
-        # SAM fine-tuning (distillery.labeling.finetune.sam) is wired in here where the build has it
-        raise UserError(f"--component {component}: SAM fine-tuning is not available in this build; "
-                        "use --component detector")
-    cfg = FinetuneConfig(method=method, epochs=epochs, lr=lr, batch=batch, rank=rank, seed=seed,
+    cfg = FinetuneConfig(method=method, epochs=epochs or 12, lr=lr or 1e-4, batch=batch or 4, rank=rank, seed=seed,
                          val_fraction=val_fraction, flip=flip, max_classes=max_classes, curation=curation,
                          workers=workers)
+    sam_cfg = SamFinetuneConfig(epochs=epochs or SAM_DEFAULTS["epochs"], lr=lr or SAM_DEFAULTS["lr"],
+                                batch=batch or SAM_DEFAULTS["batch"], seed=seed, val_fraction=val_fraction,
+                                curation=curation)
     try:
-        rec = finetune_detector(preset_path, store, labelset, out, cfg, resume=resume, ray_address=ray_address,
-                                log=click.echo)
+        if component == "detector":
+            rec = finetune_detector(preset_path, store, labelset, out, cfg, resume=resume, ray_address=ray_address,
+                                    log=click.echo)
+        elif component == "segmenter":
+            rec = finetune_segmenter(preset_path, store, labelset, out, sam_cfg, resume=resume, log=click.echo)
+        else:
+            rec = finetune_both(preset_path, store, labelset, out, cfg, sam_cfg, resume=resume,
+                                ray_address=ray_address, log=click.echo)
     except PresetError as e:
         raise UserError(str(e)) from e
+    if component in ("segmenter", "both"):
+        sam = rec if component == "segmenter" else rec["segmenter"]
+        v = sam["epochs"][-1]["val_miou"]
+        click.echo(f"SAM done: {len(sam['epochs'])} epochs, last train loss {sam['epochs'][-1]['train_loss']:.4f}, "
+                   f"val mIoU {'-' if v is None else format(v, '.4f')}; wrote {Path(out) / sam['weights']['path']} "
+                   f"(sha256 {sam['checkpoint_sha256'][:16]})")
+    if component == "both":
+        rec = rec["detector"]
+    if component != "segmenter":
+        _echo_detector_done(rec, out)
+    click.echo(f"wrote {Path(out) / 'preset.yaml'}, {Path(out) / 'finetune.json'}")
+    click.echo(f"label with it: distillery label SOURCE... --teachers {Path(out) / 'preset.yaml'} --store STORE")
+
+
+def _echo_detector_done(rec: dict, out) -> None:
     last = rec["epochs"][-1]
     p = rec["parameters"] or {}
     w = rec["weights"]
@@ -425,6 +449,4 @@ def teachers_finetune(preset_path, store, labelset, curation, component, method,
                f"{'-' if last['val_ap50'] is None else format(last['val_ap50'], '.4f')}; trained "
                f"{p.get('trainable', 0):,} of {p.get('total', 0):,} parameters ({100 * p.get('fraction', 0):.2f}%)")
     sha = f", sha256 {w['adapter_sha256'][:16]}" if w.get("adapter_sha256") else ""
-    click.echo(f"wrote {Path(out) / w['path']} ({w['bytes']:,} bytes{sha}), {Path(out) / 'preset.yaml'}, "
-               f"{Path(out) / 'finetune.json'}")
-    click.echo(f"label with it: distillery label SOURCE... --teachers {Path(out) / 'preset.yaml'} --store STORE")
+    click.echo(f"wrote {Path(out) / w['path']} ({w['bytes']:,} bytes{sha})")

@@ -9,6 +9,9 @@ resume, and what it leaves in ``OUT``::
     OUT/finetune.json         # provenance: base model, weights sha256, label set, curation, data hash,
                               # hyperparameters, seed, per-epoch loss and validation AP, data counts
 
+(``--component segmenter`` and ``both`` add SAM's files, :mod:`.sam_run`; one preset.yaml and
+one finetune.json serve both components, :func:`write_provenance`.)
+
 A checkpoint is written whole under a temporary name and renamed, so ``kill -9`` loses at
 most the epoch in flight; ``resume=True`` continues after the last checkpoint. Captions,
 flips and sampling order are drawn from seeds of (seed, epoch), and the torch generator is
@@ -250,10 +253,15 @@ def captionable(data: FinetuneData, sampler: CaptionSampler) -> FinetuneData:
     return data
 
 
-def _prepare_out(out: Path, identity: dict, resume: bool, log) -> None:
-    previous = out / "run.json"
+def _prepare_out(out: Path, identity: dict, resume: bool, log, name: str = "run.json", fresh: bool = True) -> None:
+    """Check ``out`` (no earlier run unless ``resume``; on resume the same ``identity`` as in
+    ``out/name``), then write ``identity`` there. ``fresh=False``: the second component of a
+    run whose first one has just written to ``out``."""
+    previous = out / name
     if not resume:
-        if previous.exists() or checkpoints(out) or (out / "finetune.json").exists():
+        earlier = [out / "run.json", out / "sam-run.json", out / "finetune.json", out / "checkpoints",
+                   out / "sam-state.pt"]
+        if fresh and any(p.exists() for p in earlier):
             raise FinetuneError(f"{out} holds an earlier fine-tuning run: pass --resume to continue it, or choose "
                                 "another --out")
     elif previous.exists():
@@ -262,8 +270,9 @@ def _prepare_out(out: Path, identity: dict, resume: bool, log) -> None:
         if changed:
             raise FinetuneError(f"--resume: {out} was trained with other {', '.join(changed)} ({previous}); rerun "
                                 "with the same options, or choose another --out")
-        done = checkpoints(out)
-        log(f"resuming after epoch {int(done[-1].stem.split('-')[1])}" if done else "resuming: no checkpoint yet")
+        if name == "run.json":
+            done = checkpoints(out)
+            log(f"resuming after epoch {int(done[-1].stem.split('-')[1])}" if done else "resuming: no checkpoint yet")
     else:
         log(f"--resume: nothing to resume in {out}; starting")
     out.mkdir(parents=True, exist_ok=True)
@@ -297,7 +306,7 @@ def run_ray(config: dict, workers: int, want_gpu: bool, ray_address: str | None)
 
 
 def finetune_detector(preset_path, store, labelset: str | None, out, cfg: FinetuneConfig, resume: bool = False,
-                      ray_address: str | None = None, log=print) -> dict:
+                      ray_address: str | None = None, log=print, write: bool = True):
     """Fine-tune the preset's Grounding DINO on a label set (see the module docstring).
 
     Args:
@@ -307,8 +316,12 @@ def finetune_detector(preset_path, store, labelset: str | None, out, cfg: Finetu
         ray_address: a Ray cluster for ``cfg.workers`` >= 1 (None: a local one).
         log: called with progress lines.
 
+        write: write ``preset.yaml`` and ``finetune.json`` (False: a part of a run that trains the
+            segmenter next, see :mod:`.sam_run`).
+
     Returns:
-        the provenance written to ``OUT/finetune.json``.
+        the provenance written to ``OUT/finetune.json``; with ``write=False`` instead
+        ``(data, (section, preset keys))`` for :func:`write_provenance`.
 
     Raises:
         FinetuneError: bad settings, nothing to train on, ``out`` holds another run, or a
@@ -346,45 +359,79 @@ def finetune_detector(preset_path, store, labelset: str | None, out, cfg: Finetu
         run_ray(config, cfg.workers, preset.device != "cpu", ray_address)
     else:
         train_loop({**config, "log": log})
-    return write_outputs(out, preset, data, cfg, identity)
+    part = detector_section(out, preset, data, cfg, identity)
+    if not write:
+        return data, part
+    return write_provenance(out, preset, data, {"detector": part}, cfg.method)
 
 
-def write_outputs(out: Path, preset, data: FinetuneData, cfg: FinetuneConfig, identity: dict) -> dict:
-    """``OUT/preset.yaml`` and ``OUT/finetune.json`` after the last epoch (module docstring)."""
-    from distillery.labeling.teachers import TeacherPreset, adapter_sha256, detector_identity
+def detector_section(out: Path, preset, data: FinetuneData, cfg: FinetuneConfig, identity: dict) -> tuple[dict, dict]:
+    """The detector's part of ``finetune.json`` and its ``preset.yaml`` keys, after the last epoch."""
+    from distillery.labeling.teachers import adapter_sha256, detector_identity
 
     state = load_checkpoint(checkpoints(out)[-1])
-    d = preset.to_dict()
     if cfg.method == "lora":
         weights = {"path": "adapter", "adapter_sha256": adapter_sha256(out / "adapter"),
                    "bytes": sum(f.stat().st_size for f in (out / "adapter").iterdir() if f.is_file())}
-        d["detector"]["adapter"] = "adapter"
+        keys = {"adapter": "adapter"}
     else:
         files = detector_identity(str(out / "model"), None)["files"]
         weights = {"path": "model", "files": files,
                    "bytes": sum(f.stat().st_size for f in (out / "model").iterdir() if f.is_file())}
-        d["detector"]["model"], d["detector"]["revision"] = "model", None
-    path = out / "preset.yaml"
-    header = (f"# Written by `distillery teachers finetune` ({cfg.method}) from label set {data.labelset}; "
-              "see finetune.json beside it.\n")
-    path.write_text(header + yaml.safe_dump(d, sort_keys=False))
-    TeacherPreset.load(path)  # the preset must load as written
+        keys = {"model": "model", "revision": None}
     base = preset.detector
-    record = {
-        "component": "detector", "method": cfg.method,
+    section = {
+        "method": cfg.method,
         "base_model": {"model": base.model, "revision": base.revision, "identity": identity["base"]},
         "weights": weights, "adapter_sha256": weights.get("adapter_sha256"),
-        "preset": "preset.yaml",
-        "labelset": {"id": data.labelset, "name": data.labelset_name, "kind": data.kind},
-        "curation_version": data.curation_version,
-        "training_data": {"instance_ids_sha256": identity["training_data_sha256"],
-                          "train_images": len(data.train), "val_images": len(data.val), "counts": dict(data.counts)},
+        "training_data": training_data(data, identity),
         "ontology": data.ontology.to_dict(),
         "hyperparameters": asdict(cfg), "seed": cfg.seed,
         "parameters": state.get("parameters"),
         "epochs": state["history"],
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    return section, keys
+
+
+def training_data(data: FinetuneData, identity: dict) -> dict:
+    return {"instance_ids_sha256": identity["training_data_sha256"], "train_images": len(data.train),
+            "val_images": len(data.val), "counts": dict(data.counts)}
+
+
+def write_provenance(out: Path, preset, data: FinetuneData, parts: dict[str, tuple[dict, dict]], what: str) -> dict:
+    """``OUT/preset.yaml`` (the input preset with each component's keys replaced) and
+    ``OUT/finetune.json`` (module docstring), written after the last epoch of every component.
+
+    Args:
+        parts: component (``detector``, ``segmenter``) -> (its provenance section, its preset keys;
+            paths relative to ``out``, which holds the new preset).
+        what: the training method(s), for the preset's header comment.
+
+    Returns:
+        the record written to ``finetune.json``: with one component its section's keys at the top
+        level and ``component`` its name; with both, ``component: both`` and one section per component.
+        Either way ``labelset``, ``curation_version``, ``preset``, ``created`` and
+        ``hyperparameters.val_fraction`` are at the top level (``teachers eval`` reads them).
+    """
+    from distillery.labeling.teachers import TeacherPreset
+
+    d = preset.to_dict()
+    for component, (_, keys) in parts.items():
+        d[component].update(keys)
+    path = out / "preset.yaml"
+    header = (f"# Written by `distillery teachers finetune` ({what}) from label set {data.labelset}; "
+              "see finetune.json beside it.\n")
+    path.write_text(header + yaml.safe_dump(d, sort_keys=False))
+    TeacherPreset.load(path)  # the preset must load as written
+    shared = {"preset": "preset.yaml", "labelset": {"id": data.labelset, "name": data.labelset_name, "kind": data.kind},
+              "curation_version": data.curation_version}
+    if len(parts) == 1:
+        ((component, (section, _)),) = parts.items()
+        record = {"component": component, **section, **shared}
+    else:
+        record = {"component": "both", **shared, "hyperparameters": {"val_fraction": data.val_fraction},
+                  **{component: section for component, (section, _) in parts.items()}}
+    record["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     tmp = out / ".finetune.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, out / "finetune.json")

@@ -149,7 +149,7 @@ def test_finetune_writes_adapter_preset_provenance_and_labels_into_a_new_set(sma
         (["--labelset", "gt6"], "holds an earlier fine-tuning run: pass --resume"),
         (["--labelset", "gt6", "--resume", "--epochs", 1, "--batch", 2, "--rank", 4, "--val-fraction", 0.34],
          "was trained with other hyperparameters"),
-        (["--labelset", "gt6", "--component", "segmenter"], "SAM fine-tuning is not available in this build"),
+        (["--labelset", "gt6", "--component", "segmenter"], "holds an earlier fine-tuning run: pass --resume"),
         (["--labelset", "base", "--out", tmp_path / "ft2"], "nothing to train on"),
     ]:
         r = CliRunner().invoke(main, [str(a) for a in [*cmd, *args]])
@@ -159,6 +159,56 @@ def test_finetune_writes_adapter_preset_provenance_and_labels_into_a_new_set(sma
     assert r.exit_code == 1 and "detector.adapter is set" in r.output
     assert "unreviewed 2" in CliRunner().invoke(main, [str(a) for a in [*cmd, "--labelset", "base", "--out",
                                                                         tmp_path / "ft4"]]).output
+
+
+def test_finetune_segmenter_writes_a_loadable_sam_checkpoint_and_labels_into_a_new_set(small_preset, coco128,
+                                                                                     coco128_gt, tmp_path):
+    from distillery.labeling.finetune.sam import mask_miou
+    from distillery.labeling.finetune.sam_run import sam_samples
+    from distillery.labeling.segmenter import SamTeacher
+    from distillery.labeling.teachers import file_sha256
+
+    store, out = tmp_path / "store", tmp_path / "ft"
+    run(["labels", "import", "--coco", gt_subset(coco128, coco128_gt, 4, tmp_path), "--images", coco128 / "images",
+         "--store", store, "--name", "gt4"])
+    log = run(["teachers", "finetune", "--teachers", small_preset, "--store", store, "--labelset", "gt4", "--out", out,
+               "--component", "segmenter", "--epochs", 2, "--batch", 4, "--lr", 1e-3, "--val-fraction", 0.34,
+               "--seed", 1])
+    data = select_training_data(LabelStore(store).open("gt4"), val_fraction=0.34, exhaustive=False)
+    train, val = sam_samples(data.train), sam_samples(data.val)
+    assert len(train) >= 1 and len(val) >= 1, (len(train), len(val))
+    assert "SAM epoch 2/2: train loss" in log and "SAM done: 2 epochs" in log
+
+    base = TeacherPreset.load(small_preset).segmenter
+    rec = json.loads((out / "finetune.json").read_text())
+    assert rec["component"] == "segmenter" and rec["method"] == "decoder"
+    assert rec["base_model"]["checkpoint_sha256"] == file_sha256(base.checkpoint)
+    assert rec["checkpoint_sha256"] == file_sha256(out / "sam_decoder.pth") != file_sha256(base.checkpoint)
+    assert rec["labelset"]["id"] == data.labelset and rec["curation_version"] == 0
+    assert rec["training_data"]["instance_ids_sha256"] == data.instance_ids_sha256()
+    assert rec["training_data"]["train_instances"] == sum(len(s.boxes) for s in train)
+    assert rec["hyperparameters"]["lr"] == 1e-3 and rec["hyperparameters"]["batch"] == 4 and rec["seed"] == 1
+    assert [e["epoch"] for e in rec["epochs"]] == [1, 2]
+    assert [e["steps"] for e in rec["epochs"]] == [-(-rec["training_data"]["train_instances"] // 4)] * 2
+
+    # the preset points at the new checkpoint (relative), which SamTeacher loads; the recorded val
+    # mIoU is that of the saved weights on the held-out images
+    assert yaml.safe_load((out / "preset.yaml").read_text())["segmenter"]["checkpoint"] == "sam_decoder.pth"
+    seg = TeacherPreset.load(out / "preset.yaml").segmenter
+    assert seg.checkpoint == str((out / "sam_decoder.pth").resolve())
+    teacher = SamTeacher(seg.model_type, seg.checkpoint, device="cpu")
+    assert rec["epochs"][-1]["val_miou"] == pytest.approx(mask_miou(teacher.sam, val, "cpu"), abs=1e-6)
+    tuned, old = torch.load(seg.checkpoint, weights_only=True), torch.load(base.checkpoint, weights_only=True)
+    assert tuned.keys() == old.keys()
+    assert {k.split(".")[0] for k in tuned if not torch.equal(tuned[k], old[k])} == {"mask_decoder"}
+
+    imgs = [coco128 / "images" / im["file_name"] for im in coco128_gt["images"][:1]]
+    label = ["label", *imgs, "--classes", "person,dog", "--store", store, "--runner", "local", "--quiet"]
+    run([*label, "--teachers", small_preset, "--name", "base"])
+    run([*label, "--teachers", out / "preset.yaml", "--name", "tuned"])
+    a, b = LabelStore(store).open("base"), LabelStore(store).open("tuned")
+    assert a.id != b.id
+    assert b.manifest["teachers"]["segmenter"]["checkpoint_sha256"] == rec["checkpoint_sha256"]
 
 
 @pytest.mark.slow
