@@ -7,7 +7,7 @@ leaves in ``OUT``::
     OUT/sam-embeddings/       # the frozen image encoder's embeddings, one file per image
     OUT/sam_decoder.pth       # the whole fine-tuned SAM state_dict (only the mask decoder changed)
     OUT/preset.yaml           # the input preset, segmenter.checkpoint: sam_decoder.pth
-    OUT/finetune.json         # provenance (:func:`~distillery.labeling.finetune.run.write_provenance`)
+    OUT/finetune.json         # provenance (:func:`~distillery.labeling.finetune.provenance.write_provenance`)
 
 Data: :func:`~distillery.labeling.finetune.data.select_training_data` with
 ``exhaustive=False`` (SAM's mask loss is per instance, so any image with confirmed instances
@@ -24,7 +24,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from distillery.labeling.finetune.data import FinetuneData, select_training_data
-from distillery.labeling.finetune.run import FinetuneError, _prepare_out, training_data
+from distillery.labeling.finetune.provenance import training_data, write_provenance
+from distillery.labeling.finetune.run import FinetuneError, _prepare_out
 
 #: Defaults when the command line gives none: ``finetune_sam``'s (10 epochs, AdamW lr 1e-4,
 #: weight decay 1e-4, 8 box-mask pairs per step; MedSAM trains its decoder with lr 1e-4 and
@@ -133,7 +134,6 @@ def finetune_segmenter(preset_path, store, labelset: str | None, out, cfg: SamFi
         FinetuneError: as :func:`train_segmenter`; PresetError, StoreError: as their loaders.
     """
     from distillery.engine.store import LabelStore
-    from distillery.labeling.finetune.run import write_provenance
     from distillery.labeling.teachers import TeacherPreset
 
     preset = TeacherPreset.load(preset_path)
@@ -147,7 +147,7 @@ def finetune_both(preset_path, store, labelset: str | None, out, det_cfg, sam_cf
     """``--component both``: the detector (:func:`~distillery.labeling.finetune.run.finetune_detector`),
     then SAM, in one ``out``; one preset with both, one ``finetune.json`` with a section each."""
     from distillery.engine.store import LabelStore
-    from distillery.labeling.finetune.run import finetune_detector, write_provenance
+    from distillery.labeling.finetune.run import finetune_detector
     from distillery.labeling.teachers import TeacherPreset
 
     preset = TeacherPreset.load(preset_path)

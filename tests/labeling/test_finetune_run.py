@@ -211,6 +211,36 @@ def test_finetune_segmenter_writes_a_loadable_sam_checkpoint_and_labels_into_a_n
     assert b.manifest["teachers"]["segmenter"]["checkpoint_sha256"] == rec["checkpoint_sha256"]
 
 
+def test_finetune_both_writes_one_preset_and_one_record_with_a_section_each(small_preset, coco128, coco128_gt,
+                                                                             tmp_path):
+    from distillery.labeling.teacher_eval import read_finetune
+    from distillery.labeling.teachers import file_sha256
+
+    store, out = tmp_path / "store", tmp_path / "ft"
+    run(["labels", "import", "--coco", gt_subset(coco128, coco128_gt, 3, tmp_path), "--images", coco128 / "images",
+         "--store", store])
+    args = ["teachers", "finetune", "--teachers", small_preset, "--store", store, "--out", out, "--component", "both",
+            "--epochs", 1, "--batch", 2, "--rank", 4, "--val-fraction", 0.0]
+    log = run(args)
+    assert "epoch 1/1: train loss" in log and "SAM epoch 1/1: train loss" in log
+    rec = json.loads((out / "finetune.json").read_text())
+    assert rec["component"] == "both" and rec["curation_version"] == 0
+    assert rec["detector"]["method"] == "lora" and rec["detector"]["adapter_sha256"] == adapter_sha256(out / "adapter")
+    assert rec["segmenter"]["checkpoint_sha256"] == file_sha256(out / "sam_decoder.pth")
+    # both sections trained on the same 3 ground-truth images (all train at val fraction 0)
+    assert rec["detector"]["training_data"]["train_images"] == rec["segmenter"]["training_data"]["train_images"] == 3
+    preset = TeacherPreset.load(out / "preset.yaml")
+    assert preset.detector.adapter == str((out / "adapter").resolve())
+    assert preset.segmenter.checkpoint == str((out / "sam_decoder.pth").resolve())
+    ft, _ = read_finetune(out / "preset.yaml")
+    assert (ft["labelset"], ft["val_fraction"]) == (rec["labelset"]["id"], 0.0)
+    # --resume after both finished: nothing retrained, the same weights
+    log = run([*args, "--resume"])
+    assert "resuming after epoch 1" in log and "SAM: resuming" in log
+    assert json.loads((out / "finetune.json").read_text())["segmenter"]["checkpoint_sha256"] == \
+        rec["segmenter"]["checkpoint_sha256"]
+
+
 @pytest.mark.slow
 def test_resume_after_kill_9_repeats_the_uninterrupted_run(small_preset, coco128, coco128_gt, tmp_path):
     store = tmp_path / "store"
