@@ -28,8 +28,7 @@ from distillery.labeling.finetune.provenance import training_data, write_provena
 from distillery.labeling.finetune.run import FinetuneError, _prepare_out
 
 #: Defaults when the command line gives none: ``finetune_sam``'s (10 epochs, AdamW lr 1e-4,
-#: weight decay 1e-4, 8 box-mask pairs per step; MedSAM trains its decoder with lr 1e-4 and
-#: weight decay 0.01 too, Ma et al. 2024).
+#: weight decay 1e-4, 8 box-mask pairs per step). The lr is MedSAM's (Ma et al. 2024, AdamW lr 1e-4).
 SAM_DEFAULTS = {"epochs": 10, "lr": 1e-4, "batch": 8}
 
 
