@@ -358,7 +358,7 @@ def _echo_table(rows, worse=None) -> None:
 
 @teachers.command("finetune")
 @click.option("--teachers", "preset_path", required=True, type=Config("teachers"),
-              help="Preset whose teachers to fine-tune (its detector is the base model).")
+              help="Preset whose teachers to fine-tune (its detector and SAM checkpoint are the base models).")
 @click.option("--store", required=True, type=Store())
 @click.option("--labelset", default=None, metavar="NAME|ID",
               help="A curated label set, or ground truth from `labels import` (default: the store's only one).")

@@ -63,6 +63,12 @@ def sam_samples(images) -> list:
     return out
 
 
+def _need_checkpoint(preset) -> None:
+    if preset.segmenter.checkpoint is None:
+        raise FinetuneError("preset: segmenter.checkpoint is not set; SAM is fine-tuned from a checkpoint "
+                            "(e.g. sam_vit_b_01ec64.pth from the segment-anything release)")
+
+
 def train_segmenter(preset, ls, out: Path, cfg: SamFinetuneConfig, resume: bool, log, fresh: bool = True):
     """Train SAM's mask decoder from ``preset.segmenter`` on label set ``ls``.
 
@@ -77,9 +83,7 @@ def train_segmenter(preset, ls, out: Path, cfg: SamFinetuneConfig, resume: bool,
     from distillery.labeling.teachers import file_sha256
 
     seg = preset.segmenter
-    if seg.checkpoint is None:
-        raise FinetuneError("preset: segmenter.checkpoint is not set; SAM is fine-tuned from a checkpoint "
-                            "(e.g. sam_vit_b_01ec64.pth from the segment-anything release)")
+    _need_checkpoint(preset)
     data: FinetuneData = select_training_data(ls, cfg.curation, cfg.val_fraction, exhaustive=False)
     log("SAM: " + data.summary())
     train, val = sam_samples(data.train), sam_samples(data.val)
@@ -150,6 +154,7 @@ def finetune_both(preset_path, store, labelset: str | None, out, det_cfg, sam_cf
     from distillery.labeling.teachers import TeacherPreset
 
     preset = TeacherPreset.load(preset_path)
+    _need_checkpoint(preset)  # before hours of detector training
     out = Path(out)
     data, det = finetune_detector(preset_path, store, labelset, out, det_cfg, resume=resume, ray_address=ray_address,
                                   log=log, write=False)

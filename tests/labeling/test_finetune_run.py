@@ -151,6 +151,7 @@ def test_finetune_writes_adapter_preset_provenance_and_labels_into_a_new_set(sma
          "was trained with other hyperparameters"),
         (["--labelset", "gt6", "--component", "segmenter"], "holds an earlier fine-tuning run: pass --resume"),
         (["--labelset", "base", "--out", tmp_path / "ft2"], "nothing to train on"),
+        (["--labelset", "base", "--component", "segmenter", "--out", tmp_path / "ft5"], "nothing to train SAM on"),
     ]:
         r = CliRunner().invoke(main, [str(a) for a in [*cmd, *args]])
         assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
