@@ -213,7 +213,11 @@ class GroundingDinoTeacher:
         """RGB uint8 ``(H, W, 3)`` images -> ``pixel_values`` float ``(B, 3, h, w)`` and ``pixel_mask``
         ``(B, h, w)`` (1 on real pixels, 0 on padding), resized and normalised by the processor."""
         kwargs = {"size": self.image_size} if self.image_size else {}
-        out = self.processor.image_processor(images=list(images), return_tensors="pt", **kwargs)
+        # channels_last, said outright: the processor otherwise guesses the channel axis from the
+        # shape, and a 1x1, 4x4 or 100x1 image reads as channels-first (a crash that took down
+        # the whole labelling batch, on every resume)
+        out = self.processor.image_processor(images=list(images), return_tensors="pt",
+                                             input_data_format="channels_last", **kwargs)
         return {"pixel_values": out["pixel_values"], "pixel_mask": out["pixel_mask"]}
 
     @torch.inference_mode()

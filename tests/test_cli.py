@@ -92,3 +92,31 @@ def test_cli_names_import_label_and_export_by_name(tiny_teachers, coco128, coco1
 
     exported = json.loads((tmp_path / "l.json").read_text())
     assert len(sub["annotations"]) > 0 and keyed(exported) == keyed(sub)
+
+
+def test_tiny_and_thin_images_are_labeled_not_fatal(tiny_teachers, tmp_path):
+    """1x1, 4x4, 100x1 and 1x100 images: the detector's processor used to guess the channel axis
+    from the shape and crash the whole batch (on every resume). Each is labeled, with boxes
+    inside its own frame."""
+    import numpy as np
+    from PIL import Image
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    sizes = [(1, 1), (4, 4), (100, 1), (1, 100), (3, 3)]
+    for w, h in sizes:
+        Image.fromarray(np.full((h, w, 3), 120, np.uint8)).save(src / f"{w}x{h}.png")
+    r = CliRunner()
+    out = r.invoke(main, ["label", str(src), "--classes", "person", "--store", str(tmp_path / "s"), "--teachers",
+                          str(tiny_teachers), "--runner", "local", "--quiet"])
+    assert out.exit_code == 0 and "5 with labels" in out.output and "errors: none" in out.output, out.output
+    out = r.invoke(main, ["labels", "export", "--store", str(tmp_path / "s"), "--format", "coco",
+                          "--out", str(tmp_path / "l.json")])
+    assert out.exit_code == 0, out.output
+    coco = json.loads((tmp_path / "l.json").read_text())
+    size = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    assert sorted(size.values()) == sorted(sizes)
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        W, H = size[a["image_id"]]
+        assert -1e-3 <= x and -1e-3 <= y and x + w <= W + 1e-3 and y + h <= H + 1e-3, (a["bbox"], W, H)
