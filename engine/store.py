@@ -119,10 +119,17 @@ class LabelSet:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.shard_dir = self.root / "shards"
+        path = self.root / "manifest.json"
         try:
-            self.manifest = json.loads((self.root / "manifest.json").read_text())
+            self.manifest = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
             raise StoreError(f"{self.root}: no manifest.json; not a label set") from e
+        except (UnicodeDecodeError, ValueError) as e:
+            raise StoreError(f"{path} is damaged ({e}); restore it from a backup, or move the folder "
+                             f"{self.root} out of the store to use its other label sets") from e
+        if not isinstance(self.manifest, dict) or "labelset_id" not in self.manifest:
+            raise StoreError(f"{path} is not a label-set manifest (a JSON object with labelset_id, classes, ...); "
+                             f"restore it from a backup, or move {self.root} out of the store")
         if self.manifest.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(
                 f"{self.root}: schema version {self.manifest.get('schema_version')} != {SCHEMA_VERSION} of this "

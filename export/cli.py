@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from distillery.engine.cli_errors import fail_cleanly
+from distillery.engine.cli_errors import UserError, fail_cleanly
 from distillery.engine.cli_types import Checkpoint, CocoJson, Config, ImageFolder, Output, Store, StudentOnnx
 
 
@@ -39,16 +39,37 @@ def export_onnx_cmd(model, imgsz, batch, opset, out, check_images):
     """Export the student to ONNX with metadata (classes, input size, preprocessing, label set)."""
     from distillery.export.onnx import export_onnx, metadata, raw_parity
 
+    if check_images:  # every check image readable before anything is written
+        from distillery.engine.images import list_source
+        from distillery.export.int8 import check_readable
+
+        check_paths = list_source(check_images)[:8]
+        check_readable(check_paths, imgsz, "--check-images", "the parity check reads the first 8 images of the folder")
     path = export_onnx(model, out, imgsz=imgsz, batch=batch, opset=opset)
     meta = metadata(path)
     click.echo(f"wrote {path}: input {meta.get('batch')}x3x{imgsz}x{imgsz}, classes {meta.get('names')}, "
                f"label set {meta.get('distillery_labelset', 'unknown')}")
     if check_images:
-        from distillery.engine.images import list_source
-
-        d = raw_parity(model, path, list_source(check_images)[:8], imgsz)
+        d = raw_parity(model, path, check_paths, imgsz)
         click.echo("parity (max |PyTorch - ONNX Runtime|): " + ", ".join(
             f"{k} {d[k]:.2e} of {d[k + '_scale']:.2e}" for k in ("output0", "output1")))
+
+
+def _refuse_overwriting_the_input(model, out) -> None:
+    """``--out`` (and the ``*.trt.onnx`` beside it) must not be ``--model``: the FP32 input
+    would be replaced by its own quantization; an already quantized model is refused too
+    (quantizing Q/DQ nodes again hangs in ONNX Runtime)."""
+    import onnx
+
+    trt = Path(out).with_name(Path(out).name.removesuffix(".onnx") + ".trt.onnx")
+    src = Path(model).resolve()
+    if src in (Path(out).resolve(), trt.resolve()):
+        raise UserError(f"--out {out} would overwrite --model {model}; write the INT8 model to another file, "
+                        "e.g. student.int8.onnx")
+    m = onnx.load(str(model), load_external_data=False)
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node):
+        raise UserError(f"--model {model} is already quantized (it has QuantizeLinear/DequantizeLinear nodes); "
+                        "give the FP32 ONNX written by `distillery export onnx`")
 
 
 @export.command("int8")
@@ -73,6 +94,7 @@ def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, he
 
     if (store is None) == (images_dir is None):
         raise click.UsageError("give exactly one calibration source: --store (a label set) or --images (a folder)")
+    _refuse_overwriting_the_input(model, out)
     ls = None
     if store:
         from distillery.engine.store import LabelStore

@@ -97,7 +97,8 @@ def _reader(paths: list[str], input_name: str, imgsz: int, batch: int = 1):
     return Reader()
 
 
-def check_readable(paths: list[str], imgsz: int) -> None:
+def check_readable(paths: list[str], imgsz: int, what: str = "calibration images",
+                   fix: str = "INT8 never calibrates on fewer images than --calib-images") -> None:
     """Read every calibration image with the inference preprocessing
     (:func:`distillery.export.onnx.preprocess`), before calibrating.
 
@@ -114,8 +115,8 @@ def check_readable(paths: list[str], imgsz: int) -> None:
     if bad:
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise CalibrationError(
-            f"{len(bad)} of the {len(paths)} calibration images cannot be read as images: {', '.join(bad[:10])}{more}; "
-            "replace or remove them (INT8 never calibrates on fewer images than --calib-images)"
+            f"{len(bad)} of the {len(paths)} {what} cannot be read as images: {', '.join(bad[:10])}{more}; "
+            f"replace or remove them ({fix})"
         )
 
 

@@ -172,7 +172,7 @@ def labels_info(store, as_json, list_errors):
 @click.option("--min-score", type=float, default=0.0, show_default=True, help="Drop instances below this box score.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
               help="yolo-seg: share of images in val.")
-@click.option("--overwrite", is_flag=True, help="yolo-seg: replace the images/ and labels/ of an existing OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT (coco: the file; yolo-seg: its images/ and labels/).")
 @fail_cleanly
 def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite):
     """Export a label set as a COCO instances file or an ultralytics YOLO-seg dataset.
@@ -186,6 +186,10 @@ def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite)
 
     if fmt == "coco" and Path(out).is_dir():
         raise UserError(f"--out {out} is a folder; --format coco writes a .json file (e.g. labels.json)")
+    if Path(out).resolve().is_relative_to(Path(store).resolve()):
+        raise UserError(f"--out {out} is inside the label store {store}; write exports outside it")
+    if fmt == "coco" and Path(out).exists() and not overwrite:
+        raise UserError(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
     if fmt == "yolo-seg" and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file; --format yolo-seg writes a folder (e.g. yolo/)")
     ls = LabelStore(store).open(labelset)

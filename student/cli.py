@@ -27,6 +27,11 @@ def _class_thresholds(values) -> dict:
     return out
 
 
+#: ultralytics arguments that `train` sets from its own options (--set KEY=... is refused for them).
+_OWN_OPTIONS = {"epochs": "epochs", "imgsz": "imgsz", "batch": "batch", "model": "model", "project": "out",
+                "name": "out"}
+
+
 @click.command("train")
 @click.option("--store", required=True, type=Store(), help="Label store directory.")
 @click.option("--labelset", default=None, metavar="NAME|ID",
@@ -74,6 +79,16 @@ def train_cmd(store, labelset, curation, model, epochs, imgsz, batch, out, min_s
             k, sep, v = e.partition("=")
             if not sep or not k:
                 raise click.BadParameter(f"{e!r}: expected KEY=VALUE", param_hint="--set")
+            if k in _OWN_OPTIONS:
+                raise click.BadParameter(f"{e!r}: {k} has its own option; use --{_OWN_OPTIONS[k]}", param_hint="--set")
+            from ultralytics.cfg import DEFAULT_CFG_DICT
+
+            if k not in DEFAULT_CFG_DICT or k in ("data", "task", "mode", "resume"):
+                import difflib
+
+                near = difflib.get_close_matches(k, list(DEFAULT_CFG_DICT), n=3)
+                raise click.BadParameter(f"{e!r}: {k!r} is not an ultralytics train argument"
+                                         + (f"; did you mean {', '.join(near)}?" if near else ""), param_hint="--set")
             kw[k] = yaml.safe_load(v)
         sel = Selection(min_score=min_score, class_min_score=_class_thresholds(class_min_score),
                         ignore_min_score=ignore_min_score, weight=weight,

@@ -1,0 +1,81 @@
+"""Commands refuse, in one line and before writing anything, what would destroy a user's file
+or silently do something else (found by a bad-input pass)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from click.testing import CliRunner
+
+from distillery.engine.cli import main
+from tests.test_cli_bad_input import _onnx
+
+STUDENT_META = {"task": "segment", "names": "{0: 'person'}", "imgsz": "[32, 32]", "batch": "1"}
+
+
+def _invoke(args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code != 0 and "Traceback" not in r.output, r.output
+    return r.output
+
+
+def test_int8_never_overwrites_its_input_nor_requantizes(tmp_path, coco128):
+    import onnx
+    from onnx import TensorProto, helper
+
+    fp32 = _onnx(tmp_path / "m.onnx", STUDENT_META)
+    before = fp32.read_bytes()
+    out = _invoke(["export", "int8", "--model", fp32, "--images", coco128 / "images", "--calib-images", 2,
+                   "--out", fp32])
+    assert "would overwrite --model" in out and fp32.read_bytes() == before
+    # a model with Q/DQ nodes (an INT8 artifact) used to hang in quantize_static
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 32, 32])
+    nodes = [helper.make_node("QuantizeLinear", ["images", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["out"])]
+    inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.UINT8, [], [0])]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits))
+    for k, v in STUDENT_META.items():
+        m.metadata_props.add(key=k, value=v)
+    q = tmp_path / "q.int8.onnx"
+    onnx.save(m, str(q))
+    out = _invoke(["export", "int8", "--model", q, "--images", coco128 / "images", "--calib-images", 2,
+                   "--out", tmp_path / "again.onnx"])
+    assert "is already quantized" in out and not (tmp_path / "again.onnx").exists()
+
+
+def test_labels_export_keeps_existing_files_and_the_store(tmp_path, coco128, coco128_gt):
+    from distillery.engine.store import LabelStore
+    from distillery.labeling.coco import import_coco
+
+    sub = {"images": coco128_gt["images"][:1], "categories": coco128_gt["categories"],
+           "annotations": [a for a in coco128_gt["annotations"] if a["image_id"] == coco128_gt["images"][0]["id"]]}
+    (tmp_path / "gt.json").write_text(json.dumps(sub))
+    ls, _ = import_coco(LabelStore(tmp_path / "store"), str(tmp_path / "gt.json"), str(coco128 / "images"))
+    manifest = ls.root / "manifest.json"
+    before = manifest.read_bytes()
+    out = _invoke(["labels", "export", "--store", tmp_path / "store", "--format", "coco", "--out", manifest])
+    assert "inside the label store" in out and manifest.read_bytes() == before
+    mine = tmp_path / "mine.json"
+    mine.write_text("precious")
+    out = _invoke(["labels", "export", "--store", tmp_path / "store", "--format", "coco", "--out", mine])
+    assert "exists; pass --overwrite" in out and mine.read_text() == "precious"
+    r = CliRunner().invoke(main, ["labels", "export", "--store", str(tmp_path / "store"), "--format", "coco",
+                                  "--out", str(mine), "--overwrite"])
+    assert r.exit_code == 0 and len(json.loads(mine.read_text())["annotations"]) == len(sub["annotations"]), r.output
+    # a damaged manifest is named, with what to do
+    shutil.copy(manifest, tmp_path / "backup.json")
+    manifest.write_text(before.decode()[:50])
+    out = _invoke(["labels", "info", "--store", tmp_path / "store"])
+    assert f"{manifest} is damaged" in out and "restore it from a backup" in out
+    manifest.write_text("[1, 2]")
+    assert "is not a label-set manifest" in _invoke(["labels", "info", "--store", tmp_path / "store"])
+
+
+def test_train_set_refuses_own_options_and_unknown_arguments(tmp_path):
+    (tmp_path / "store" / "labelsets").mkdir(parents=True)
+    base = ["train", "--store", tmp_path / "store", "--out", tmp_path / "run"]
+    assert "epochs has its own option; use --epochs" in _invoke([*base, "--set", "epochs=3"])
+    assert "'mosiac' is not an ultralytics train argument; did you mean mosaic?" in _invoke([*base, "--set", "mosiac=0"])
+    assert not (tmp_path / "run").exists()
