@@ -169,10 +169,15 @@ def curate_commit(name, store):
     Example: distillery curate commit --dataset coco128 --store store/
     """
     from distillery.engine.store import LabelStore
-    from distillery.labeling.curation.database import open_dataset
+    from distillery.labeling.curation.database import CurationError, open_dataset
     from distillery.labeling.curation.decisions import commit
 
     ds = open_dataset(name)
+    synced_from = ds.info["distillery"].get("store")
+    if synced_from and os.path.realpath(store) != os.path.realpath(synced_from):
+        # label-set ids are fingerprints of what made the labels: another store can hold the same id
+        raise CurationError(f"dataset {name!r} was synced from the store {synced_from}, not {store}; commit to "
+                            "that store (or sync this one into another dataset first)")
     ls = LabelStore(store).open(ds.info["distillery"]["labelset"])
     version, written, table = commit(ds, ls)
     n = table.num_rows

@@ -439,6 +439,11 @@ def test_cli_sync_rules_commit_report(fo, dataset_name, store, tmp_path):
     r = run(main, ["curate", "sync", "--store", str(st.root), "--dataset", dataset_name, "--quiet", "--rules", str(rules2)])
     assert r.exit_code == 0 and "0 added" in r.output and "instances changed band" in r.output, r.output
     assert "confident" not in fo.load_dataset(dataset_name).count_values(f"{FIELD}.detections.band")
+    other = tmp_path / "other-store"  # the same label-set id can live in another store
+    shutil.copytree(st.root, other)
+    r = run(main, ["curate", "commit", "--dataset", dataset_name, "--store", str(other)])
+    assert r.exit_code == 1 and f"was synced from the store {st.root.resolve()}, not {other}" in r.output, r.output
+    assert not list(other.glob("labelsets/*/curation/*.parquet"))
     r = run(main, ["curate", "commit", "--dataset", dataset_name, "--store", str(st.root)])
     assert r.exit_code == 0 and "curation version 1 written (10 decisions)" in r.output, r.output
     out = tmp_path / "report"

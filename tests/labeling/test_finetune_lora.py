@@ -22,12 +22,7 @@ from distillery.labeling.teachers import TeacherPreset
 SIZE = {"shortest_edge": 96, "longest_edge": 144}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is several times faster
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

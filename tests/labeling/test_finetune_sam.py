@@ -38,14 +38,7 @@ def coco_samples(coco128, coco128_gt, ids) -> list[SamSample]:
     return samples_from_records(records)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two OpenMP threads wait on each other
-    (measured: the training fixture took 682 s with 2 threads, 40 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
