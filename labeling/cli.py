@@ -163,6 +163,17 @@ def labels_info(store, as_json, list_errors):
             click.echo(f"  {e['path']}: {e['error']}")
 
 
+def _is_distillery_export(path: Path) -> bool:
+    """True for a COCO file an earlier ``labels export`` wrote (rerunning a command replaces
+    its own output; any other file needs --overwrite)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return False
+    return '"description": "Distillery label set export"' in head
+
+
 @labels.command("export")
 @click.option("--store", required=True, type=Store())
 @click.option("--labelset", default=None, metavar="NAME|ID",
@@ -186,10 +197,12 @@ def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite)
 
     if fmt == "coco" and Path(out).is_dir():
         raise UserError(f"--out {out} is a folder; --format coco writes a .json file (e.g. labels.json)")
-    if Path(out).resolve().is_relative_to(Path(store).resolve()):
-        raise UserError(f"--out {out} is inside the label store {store}; write exports outside it")
-    if fmt == "coco" and Path(out).exists() and not overwrite:
-        raise UserError(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
+    if Path(out).resolve().is_relative_to((Path(store) / "labelsets").resolve()):
+        raise UserError(f"--out {out} is inside the label sets of {store} (their shards and manifests); write "
+                        "exports elsewhere, e.g. beside them in the store folder")
+    if fmt == "coco" and Path(out).exists() and not overwrite and not _is_distillery_export(Path(out)):
+        raise UserError(f"--out {out} exists and is not a Distillery export; pass --overwrite to replace it, or "
+                        "choose another file")
     if fmt == "yolo-seg" and Path(out).exists() and not Path(out).is_dir():
         raise UserError(f"--out {out} is a file; --format yolo-seg writes a folder (e.g. yolo/)")
     ls = LabelStore(store).open(labelset)

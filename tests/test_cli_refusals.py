@@ -56,14 +56,18 @@ def test_labels_export_keeps_existing_files_and_the_store(tmp_path, coco128, coc
     manifest = ls.root / "manifest.json"
     before = manifest.read_bytes()
     out = _invoke(["labels", "export", "--store", tmp_path / "store", "--format", "coco", "--out", manifest])
-    assert "inside the label store" in out and manifest.read_bytes() == before
+    assert "is inside the label sets of" in out and manifest.read_bytes() == before
     mine = tmp_path / "mine.json"
     mine.write_text("precious")
     out = _invoke(["labels", "export", "--store", tmp_path / "store", "--format", "coco", "--out", mine])
-    assert "exists; pass --overwrite" in out and mine.read_text() == "precious"
+    assert "exists and is not a Distillery export; pass --overwrite" in out and mine.read_text() == "precious"
     r = CliRunner().invoke(main, ["labels", "export", "--store", str(tmp_path / "store"), "--format", "coco",
                                   "--out", str(mine), "--overwrite"])
     assert r.exit_code == 0 and len(json.loads(mine.read_text())["annotations"]) == len(sub["annotations"]), r.output
+    # rerunning the same export replaces its own earlier output without --overwrite
+    r = CliRunner().invoke(main, ["labels", "export", "--store", str(tmp_path / "store"), "--format", "coco",
+                                  "--out", str(mine)])
+    assert r.exit_code == 0, r.output
     # a damaged manifest is named, with what to do
     shutil.copy(manifest, tmp_path / "backup.json")
     manifest.write_text(before.decode()[:50])
