@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from distillery.engine.cli_errors import UserError, fail_cleanly
+from distillery.engine.cli_errors import fail_cleanly
 from distillery.engine.cli_types import Checkpoint, CocoJson, Config, ImageFolder, Output, Store, StudentOnnx
 
 
@@ -55,23 +55,6 @@ def export_onnx_cmd(model, imgsz, batch, opset, out, check_images):
             f"{k} {d[k]:.2e} of {d[k + '_scale']:.2e}" for k in ("output0", "output1")))
 
 
-def _refuse_overwriting_the_input(model, out) -> None:
-    """``--out`` (and the ``*.trt.onnx`` beside it) must not be ``--model``: the FP32 input
-    would be replaced by its own quantization; an already quantized model is refused too
-    (quantizing Q/DQ nodes again hangs in ONNX Runtime)."""
-    import onnx
-
-    trt = Path(out).with_name(Path(out).name.removesuffix(".onnx") + ".trt.onnx")
-    src = Path(model).resolve()
-    if src in (Path(out).resolve(), trt.resolve()):
-        raise UserError(f"--out {out} would overwrite --model {model}; write the INT8 model to another file, "
-                        "e.g. student.int8.onnx")
-    m = onnx.load(str(model), load_external_data=False)
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node):
-        raise UserError(f"--model {model} is already quantized (it has QuantizeLinear/DequantizeLinear nodes); "
-                        "give the FP32 ONNX written by `distillery export onnx`")
-
-
 @export.command("int8")
 @click.option("--model", required=True, type=StudentOnnx(), help="FP32 ONNX (fixed batch).")
 @click.option("--store", type=Store(), default=None, help="Calibrate on a label set's images.")
@@ -94,7 +77,6 @@ def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, he
 
     if (store is None) == (images_dir is None):
         raise click.UsageError("give exactly one calibration source: --store (a label set) or --images (a folder)")
-    _refuse_overwriting_the_input(model, out)
     ls = None
     if store:
         from distillery.engine.store import LabelStore

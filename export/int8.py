@@ -207,7 +207,8 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
         CalibrationError: a calibration image cannot be read (:func:`check_readable`).
         ValueError: bad method or input shape; a node to keep in FP32 (head or ``exclude``) is
             not in the graph ONNX Runtime quantizes (``quant_pre_process`` output), naming it.
-        ValueError: ``onnx_in`` is not a segmentation student's ONNX
+        ValueError: ``out`` (or its ``*.trt.onnx``) is ``onnx_in``; ``onnx_in`` is already
+            quantized; ``onnx_in`` is not a segmentation student's ONNX
             (:class:`distillery.engine.filekinds.FileKindError`).
     """
     import onnx
@@ -219,7 +220,16 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
     onnx_model(onnx_in, "model")
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method {method!r} unknown; use one of {CALIBRATION_METHODS}")
+    out = Path(out)
+    trt_out = out.with_name(out.name.removesuffix(".onnx") + ".trt.onnx")
+    if Path(onnx_in).resolve() in (out.resolve(), trt_out.resolve()):
+        raise ValueError(f"{out} would overwrite the input model {onnx_in}; write the INT8 model to another file, "
+                         "e.g. student.int8.onnx")
     m = onnx.load(str(onnx_in), load_external_data=False)
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node):
+        # quantizing Q/DQ nodes again hangs in ONNX Runtime
+        raise ValueError(f"{onnx_in} is already quantized (it has QuantizeLinear/DequantizeLinear nodes); give the "
+                         "FP32 ONNX written by `distillery export onnx`")
     inp = m.graph.input[0]
     dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
     if len(dims) != 4 or not all(dims) or dims[2] != dims[3]:
@@ -229,8 +239,6 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
     if images and len(images) % batch:
         raise CalibrationError(f"{onnx_in} has a fixed batch of {batch}: give a multiple of {batch} calibration "
                                f"images (--calib-images), not {len(images)}")
-    out = Path(out)
-    trt_out = out.with_name(out.name.removesuffix(".onnx") + ".trt.onnx")
     keep = "outputs" if keep_head_fp32 == "outputs" else "all"
     nodes_to_exclude = (head_nodes(onnx_in, keep=keep) if keep_head_fp32 else []) + list(exclude or [])
     cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
