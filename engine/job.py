@@ -69,7 +69,8 @@ class StageSpec:
         kwargs: constructor keyword arguments (picklable).
         batch_size: rows per call.
         actors: actor pool size (``runner="ray"``).
-        wants_gpu: ask one GPU per actor when the cluster has GPUs (``runner="ray"``).
+        wants_gpu: ask for a GPU share per actor when the cluster has GPUs (``runner="ray"``,
+            :func:`plan_actor_gpus`).
     """
 
     cls: type
@@ -140,6 +141,27 @@ def plan_actor_cpus(total_cpus: float, node_cpus: float, stages: list[StageSpec]
     return math.floor(min(per, node_cpus) * 100) / 100
 
 
+def plan_actor_gpus(total_gpus: float, stages: list[StageSpec]) -> float | None:
+    """GPUs to reserve per GPU-wanting actor: an equal share of the cluster's GPUs, at most one
+    (an actor drives one device), rounded down to 0.01. ``None`` when no GPU or no actor wants one.
+
+    Every actor must fit at once or a stage never starts: with one GPU, a detector and a
+    segmenter actor each asking for a whole GPU would wait for each other forever. Ray places
+    fractional GPU requests on one device and sets ``CUDA_VISIBLE_DEVICES`` to it (Ray docs,
+    "Fractional Accelerators").
+
+    Raises:
+        ValueError: more GPU actors than 100 per GPU (under 0.01 GPU each).
+    """
+    n = sum(s.actors for s in stages if s.wants_gpu)
+    if n == 0 or total_gpus <= 0:
+        return None
+    per = math.floor(min(1.0, total_gpus / n) * 100) / 100
+    if per < 0.01:
+        raise ValueError(f"{n} GPU actors do not fit on {total_gpus:g} GPUs; lower the actor counts")
+    return per
+
+
 def _rows(batch: dict) -> Iterable[dict]:
     names = [f.name for f in ROW_SCHEMA]
     for i in range(len(batch["path"])):
@@ -174,6 +196,7 @@ def _batches_ray(paths, stages, max_pixels, decode_batch_size, ray_address):
     total_cpus, has_gpu = float(resources.get("CPU", 1)), resources.get("GPU", 0) > 0
     node_cpus = max(float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
     actor_cpus = plan_actor_cpus(total_cpus, node_cpus, stages)
+    actor_gpus = plan_actor_gpus(float(resources.get("GPU", 0)), stages)
     # one block per decode batch: the unit of streaming and of backpressure
     blocks = max(1, math.ceil(len(paths) / decode_batch_size))
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
@@ -187,7 +210,7 @@ def _batches_ray(paths, stages, max_pixels, decode_batch_size, ray_address):
             fn_constructor_kwargs=spec.kwargs,
             batch_size=spec.batch_size,
             compute=ray.data.ActorPoolStrategy(size=spec.actors),
-            num_gpus=1 if gpu else None,
+            num_gpus=actor_gpus if gpu else None,
             num_cpus=1 if gpu else actor_cpus,
             # Ray sets OMP_NUM_THREADS to the actor's (fractional, floored) CPUs. The teachers are
             # unbalanced (SAM's encoder dominates), so each actor may use every core of its

@@ -402,8 +402,8 @@ def _echo_table(rows, worse=None) -> None:
 @click.option("--max-classes", type=click.IntRange(min=1), default=80, show_default=True,
               help="Classes per training caption at most: the image's own plus sampled negatives.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="0: train in this process on the preset's device; N: on N Ray Train workers (a GPU each "
-                   "where the cluster has GPUs).")
+              help="Detector only. 0: train in this process on the preset's device; N: on N Ray Train workers "
+                   "(a GPU each where the cluster has GPUs). SAM's decoder always trains in this process.")
 @click.option("--ray-address", default=None, help="Ray cluster for --workers (default: start a local one).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT after its last checkpoint.")
 @fail_cleanly
@@ -433,6 +433,9 @@ def teachers_finetune(preset_path, store, labelset, curation, component, method,
     sam_cfg = SamFinetuneConfig(epochs=epochs or SAM_DEFAULTS["epochs"], lr=lr or SAM_DEFAULTS["lr"],
                                 batch=batch or SAM_DEFAULTS["batch"], seed=seed, val_fraction=val_fraction,
                                 curation=curation)
+    if component == "segmenter" and workers:
+        raise UserError("--workers applies to the detector: SAM's mask decoder (4M parameters, on image embeddings "
+                        "computed once and cached) trains in this process on the preset's device; drop --workers")
     try:
         if component == "detector":
             rec = finetune_detector(preset_path, store, labelset, out, cfg, resume=resume, ray_address=ray_address,

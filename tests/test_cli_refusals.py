@@ -83,3 +83,10 @@ def test_train_set_refuses_own_options_and_unknown_arguments(tmp_path):
     assert "epochs has its own option; use --epochs" in _invoke([*base, "--set", "epochs=3"])
     assert "'mosiac' is not an ultralytics train argument; did you mean mosaic?" in _invoke([*base, "--set", "mosiac=0"])
     assert not (tmp_path / "run").exists()
+
+
+def test_finetune_segmenter_refuses_workers_it_would_ignore(tmp_path):
+    (tmp_path / "store" / "labelsets").mkdir(parents=True)
+    out = _invoke(["teachers", "finetune", "--teachers", "default", "--store", tmp_path / "store",
+                   "--component", "segmenter", "--workers", 2, "--out", tmp_path / "ft"])
+    assert "--workers applies to the detector" in out and not (tmp_path / "ft").exists()

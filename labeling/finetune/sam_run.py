@@ -158,6 +158,8 @@ def finetune_both(preset_path, store, labelset: str | None, out, det_cfg, sam_cf
     out = Path(out)
     data, det = finetune_detector(preset_path, store, labelset, out, det_cfg, resume=resume, ray_address=ray_address,
                                   log=log, write=False)
+    if det_cfg.workers:
+        log("SAM: trains in this process on the preset's device (--workers applies to the detector)")
     _, seg = train_segmenter(preset, LabelStore(store).open(labelset), out, sam_cfg, resume, log, fresh=False)
     return write_provenance(out, preset, data, {"detector": det, "segmenter": seg},
                             f"detector {det_cfg.method}, SAM mask decoder")

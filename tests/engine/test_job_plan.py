@@ -12,3 +12,17 @@ def test_actor_pools_leave_cpus_for_decoding():
     assert plan_actor_cpus(8, 8, two) == 3.0
     with pytest.raises(ValueError, match="do not fit"):
         plan_actor_cpus(1, 1, [StageSpec(object, {}, actors=20)])
+
+
+def test_gpu_actors_share_the_gpus_so_every_stage_starts():
+    from distillery.engine.job import StageSpec, plan_actor_gpus
+
+    det, seg = StageSpec(object, {}, actors=1, wants_gpu=True), StageSpec(object, {}, actors=1, wants_gpu=True)
+    # one GPU, a detector and a segmenter actor: half each (a whole GPU each never schedules the second)
+    assert plan_actor_gpus(1, [det, seg]) == 0.5
+    assert plan_actor_gpus(8, [det, seg]) == 1.0  # an actor drives one device
+    assert plan_actor_gpus(1, [det, StageSpec(object, {}, actors=2, wants_gpu=True)]) == 0.33
+    assert plan_actor_gpus(0, [det, seg]) is None
+    assert plan_actor_gpus(4, [StageSpec(object, {}, actors=1)]) is None
+    with pytest.raises(ValueError, match="do not fit"):
+        plan_actor_gpus(1, [StageSpec(object, {}, actors=101, wants_gpu=True)])
