@@ -277,11 +277,15 @@ def teachers() -> None:
 
 @teachers.command("tiny")
 @click.argument("out_dir", type=Output(folder=True, example="teachers/"))
-@click.option("--seed", type=int, default=0, show_default=True)
-def teachers_tiny(out_dir, seed):
-    """Write tiny RANDOM-WEIGHT Grounding DINO and SAM teachers plus a preset to OUT_DIR.
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
+@click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True,
+              help="tiny: width-32 models, seconds per image on a CPU; full: the real architectures "
+                   "(Grounding DINO-T, SAM ViT-B, ~1 GB on disk) at random weights, for benchmarks.")
+def teachers_tiny(out_dir, seed, size):
+    """Write RANDOM-WEIGHT Grounding DINO and SAM teachers plus a preset to OUT_DIR.
 
-    Their labels are meaningless; they let the whole pipeline run offline.
+    Their labels are meaningless; they let the whole pipeline run offline (tiny), or measure
+    what the real architectures cost (full).
 
     \b
     Example:
@@ -289,8 +293,11 @@ def teachers_tiny(out_dir, seed):
     """
     from distillery.labeling.tiny import write_tiny_teachers
 
-    path = write_tiny_teachers(out_dir, seed)
-    click.echo(f"wrote tiny random teachers and preset {path}")
+    try:
+        path = write_tiny_teachers(out_dir, seed, size=size)
+    except OSError as e:
+        raise UserError(f"cannot write {out_dir}: {e.strerror or e}; choose a writable folder") from e
+    click.echo(f"wrote {size} random teachers and preset {path}")
 
 
 @teachers.command("eval")

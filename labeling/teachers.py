@@ -378,7 +378,8 @@ class SegmentStage:
 
 def teacher_stages(preset: TeacherPreset, ontology: Ontology) -> list[StageSpec]:
     """The detector and segmenter stages for :func:`distillery.engine.job.run_label_job`; each actor asks
-    for one GPU when the preset's device is ``auto`` or ``cuda*`` and the cluster has GPUs."""
+    for a share of the GPUs (:func:`~distillery.engine.job.plan_actor_gpus`) when the preset's device
+    is ``auto`` or ``cuda*`` and the cluster has GPUs."""
     gpu = preset.device == "auto" or preset.device.startswith("cuda")
     pd = preset.to_dict()
     return [

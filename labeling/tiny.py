@@ -54,8 +54,18 @@ def tiny_grounding_dino_config():
     )
 
 
-def write_tiny_grounding_dino(out: Path, seed: int = 0, image_size: dict | None = None) -> Path:
-    """Save a tiny random Grounding DINO + processor to ``out`` (a directory)."""
+def full_grounding_dino_config():
+    """Grounding DINO-T's architecture (Swin-T backbone, BERT-base text encoder, 900 queries,
+    6 encoder and 6 decoder layers: ``GroundingDinoConfig()``'s defaults, the configuration of
+    ``IDEA-Research/grounding-dino-tiny``), about 172M parameters."""
+    from transformers import GroundingDinoConfig
+
+    return GroundingDinoConfig()
+
+
+def write_tiny_grounding_dino(out: Path, seed: int = 0, image_size: dict | None = None, size: str = "tiny") -> Path:
+    """Save a random Grounding DINO + processor to ``out`` (a directory): ``size`` ``tiny``
+    (:func:`tiny_grounding_dino_config`) or ``full`` (:func:`full_grounding_dino_config`)."""
     import torch
     from transformers import (
         AutoTokenizer,
@@ -65,7 +75,8 @@ def write_tiny_grounding_dino(out: Path, seed: int = 0, image_size: dict | None 
     )
 
     torch.manual_seed(seed)
-    model = GroundingDinoForObjectDetection(tiny_grounding_dino_config()).eval()
+    config = full_grounding_dino_config() if size == "full" else tiny_grounding_dino_config()
+    model = GroundingDinoForObjectDetection(config).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(bert_uncased_vocab().parent))
     size = image_size or {"shortest_edge": 800, "longest_edge": 1333}
     processor = GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size=size), tokenizer=tokenizer)
@@ -75,47 +86,64 @@ def write_tiny_grounding_dino(out: Path, seed: int = 0, image_size: dict | None 
     return out
 
 
-def write_tiny_sam(path: Path, seed: int = 0) -> Path:
-    """Save a ``vit_tiny`` SAM state dict (random weights) to ``path``."""
+def write_tiny_sam(path: Path, seed: int = 0, model_type: str = "vit_tiny") -> Path:
+    """Save a SAM state dict of ``model_type`` (``vit_tiny``, or a real one such as ``vit_b``)
+    with random weights to ``path``."""
     import torch
 
     from distillery.labeling.segmenter import load_sam
 
     torch.manual_seed(seed)
-    sam = load_sam("vit_tiny", None)
+    sam = load_sam(model_type, None)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sam.state_dict(), path)
     return path
 
 
-def write_tiny_teachers(out_dir: str | Path, seed: int = 0, image_size: dict | None = None) -> Path:
-    """Write both tiny teachers and ``teachers.yaml``; returns the preset's path.
+def write_tiny_teachers(out_dir: str | Path, seed: int = 0, image_size: dict | None = None,
+                        size: str = "tiny") -> Path:
+    """Write both random teachers and ``teachers.yaml``; returns the preset's path.
 
     Args:
-        image_size: the preset's detector resize (default shortest 320 / longest 512:
-            the tiny models are for pipeline runs, not accuracy).
+        image_size: the preset's detector resize (default for ``tiny``: shortest 320 / longest
+            512, the tiny models are for pipeline runs, not accuracy; for ``full``: Grounding
+            DINO's own 800 / 1333).
+        size: ``tiny`` (width-32 models, seconds per image on a CPU) or ``full`` (the real
+            architectures, Grounding DINO-T and SAM ViT-B, at random weights: what real weights
+            cost in time and memory, for benchmarks).
+
+    Raises:
+        ValueError: an unknown ``size``.
     """
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
     out = Path(out_dir)
-    write_tiny_grounding_dino(out / "grounding-dino", seed)
-    write_tiny_sam(out / "sam_vit_tiny.pth", seed)
+    sam_type = "vit_b" if size == "full" else "vit_tiny"
+    write_tiny_grounding_dino(out / "grounding-dino", seed, size=size)
+    write_tiny_sam(out / f"sam_{sam_type}_random.pth" if size == "full" else out / "sam_vit_tiny.pth", seed, sam_type)
+    default_size = {"shortest_edge": 800, "longest_edge": 1333} if size == "full" else \
+        {"shortest_edge": 320, "longest_edge": 512}
     preset = {
         "detector": {
             "model": "grounding-dino",
             "box_floor": 0.05,
             "nms_iou": 0.7,
-            "image_size": image_size or {"shortest_edge": 320, "longest_edge": 512},
+            "image_size": image_size or default_size,
             # random weights give saturated scores on every query: cap the boxes so the
             # offline main job stays minutes, not tens, and its COCO file small
             "max_detections": 20,
             "batch_size": 4,
             "actors": 1,
         },
-        "segmenter": {"model_type": "vit_tiny", "checkpoint": "sam_vit_tiny.pth", "boxes_per_call": 32,
+        "segmenter": {"model_type": sam_type,
+                      "checkpoint": "sam_vit_b_random.pth" if size == "full" else "sam_vit_tiny.pth",
+                      "boxes_per_call": 32,
                       "batch_size": 4, "actors": 1},
         "device": "auto",
         "precision": "fp32",
     }
     path = out / "teachers.yaml"
-    header = "# Tiny RANDOM-WEIGHT teachers written by `distillery teachers tiny`: their labels are meaningless.\n"
+    what = "Full-size (Grounding DINO-T, SAM ViT-B)" if size == "full" else "Tiny"
+    header = f"# {what} RANDOM-WEIGHT teachers written by `distillery teachers tiny`: their labels are meaningless.\n"
     path.write_text(header + yaml.safe_dump(preset, sort_keys=False))
     return path

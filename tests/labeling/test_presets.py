@@ -140,3 +140,21 @@ def test_missing_detector_and_bad_ontology_fail_before_a_label_set_exists(tmp_pa
                                   "--teachers", str(tiny_teachers)])
     assert r.exit_code == 1 and "same tokens" in r.output and str(onto) in r.output
     assert not store.exists()
+
+
+def test_full_size_random_teachers_have_the_real_architectures():
+    """`teachers tiny --size full` builds Grounding DINO-T (172M parameters, the model card of
+    IDEA-Research/grounding-dino-tiny) and SAM ViT-B (93.7M: the segment-anything vit_b checkpoint's
+    tensor count); counted on the meta device, nothing written."""
+    import torch
+    from segment_anything import sam_model_registry
+    from transformers import GroundingDinoForObjectDetection
+
+    from distillery.labeling.tiny import full_grounding_dino_config
+
+    with torch.device("meta"):
+        gd = GroundingDinoForObjectDetection(full_grounding_dino_config())
+        sam = sam_model_registry["vit_b"](checkpoint=None)
+    assert sum(p.numel() for p in gd.parameters()) == 172_250_626
+    assert list(gd.config.backbone_config.depths) == [2, 2, 6, 2] and gd.config.num_queries == 900
+    assert round(sum(p.numel() for p in sam.parameters()) / 1e6, 1) == 93.7
