@@ -76,14 +76,13 @@ def teacher_label(preset_path: Path) -> str:
 
 
 def read_finetune(preset_path: Path) -> tuple[dict | None, Path]:
-    """``finetune.json`` beside ``preset_path``: ``{"labelset": str, "val_fraction": float}``
-    (other keys are kept but not read), or None when there is none. The file ``teachers
-    finetune`` writes (``labelset: {id, name, kind}``, ``hyperparameters.val_fraction``) is
-    read into that form.
+    """``finetune.json`` beside ``preset_path`` (as ``teachers finetune`` writes it:
+    ``labelset: {id, name, kind}``, ``hyperparameters.val_fraction``), read into
+    ``{"labelset": id, "val_fraction": float}`` plus its other keys; None when there is none.
 
     Raises:
-        TeacherEvalError: unreadable JSON, or a missing or invalid ``labelset`` /
-            ``val_fraction`` (naming the file and the key).
+        TeacherEvalError: unreadable JSON, or a missing or invalid ``labelset.id`` /
+            ``hyperparameters.val_fraction`` (naming the file and the key).
     """
     path = Path(preset_path).parent / "finetune.json"
     if not path.is_file():
@@ -92,15 +91,14 @@ def read_finetune(preset_path: Path) -> tuple[dict | None, Path]:
         ft = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise TeacherEvalError(f"{path}: cannot be read as JSON ({e}); it records how the teacher was fine-tuned") from e
-    if isinstance(ft, dict) and isinstance(ft.get("labelset"), dict):  # as `teachers finetune` writes it
-        ft = {**ft, "labelset": ft["labelset"].get("id"),
-              "val_fraction": ft.get("val_fraction", (ft.get("hyperparameters") or {}).get("val_fraction"))}
-    if not isinstance(ft, dict) or not isinstance(ft.get("labelset"), str):
-        raise TeacherEvalError(f"{path}: key 'labelset' (id or name of the label set fine-tuned on) is missing")
-    v = ft.get("val_fraction")
+    ls = ft.get("labelset") if isinstance(ft, dict) else None
+    if not isinstance(ls, dict) or not isinstance(ls.get("id"), str):
+        raise TeacherEvalError(f"{path}: key 'labelset.id' (the label set fine-tuned on) is missing; it is not a "
+                               "finetune.json written by `distillery teachers finetune`")
+    v = (ft.get("hyperparameters") or {}).get("val_fraction")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-        raise TeacherEvalError(f"{path}: key 'val_fraction' must be a number in [0, 1], got {v!r}")
-    return ft, path
+        raise TeacherEvalError(f"{path}: key 'hyperparameters.val_fraction' must be a number in [0, 1], got {v!r}")
+    return {**ft, "labelset": ls["id"], "val_fraction": v}, path
 
 
 def gt_records(gt: LabelSet, curation: int | None = None) -> tuple[list[LabelRecord], int]:

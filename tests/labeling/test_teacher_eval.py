@@ -176,7 +176,8 @@ def test_fine_tuned_teacher_is_evaluated_on_its_held_out_images(gt4, tmp_path):
     n_val = sum(is_val(i, f) for i in image_ids)
     (tmp_path / "ft").mkdir()
     (tmp_path / "ft" / "teachers.yaml").write_text("{}\n")
-    (tmp_path / "ft" / "finetune.json").write_text(json.dumps({"labelset": "gt4", "val_fraction": f}))
+    (tmp_path / "ft" / "finetune.json").write_text(json.dumps({"labelset": {"id": "gt4"},
+                                                                "hyperparameters": {"val_fraction": f}}))
     ft, ft_path = read_finetune(tmp_path / "ft" / "teachers.yaml")
     teachers = [Teacher("base", tmp_path / "a.yaml"), Teacher("ft", tmp_path / "ft" / "teachers.yaml", ft, ft_path)]
     preds = {"base": gt, "ft": gt}
@@ -246,9 +247,12 @@ def test_cli_refuses_bad_input_in_one_line(gt4, tiny_teachers, tmp_path):
     ft = tmp_path / "ft"
     ft.mkdir()
     shutil.copy(tiny_teachers, ft / "teachers.yaml")
-    (ft / "finetune.json").write_text(json.dumps({"labelset": "gt4"}))
+    (ft / "finetune.json").write_text(json.dumps({"labelset": {"id": "gt4"}}))
     line = _one_error_line(CliRunner().invoke(main, base + ["--teachers", str(ft / "teachers.yaml"), "--labelset", "gt4"]))
-    assert str(ft / "finetune.json") in line and "'val_fraction'" in line
+    assert str(ft / "finetune.json") in line and "'hyperparameters.val_fraction'" in line
+    (ft / "finetune.json").write_text(json.dumps({"labelset": "gt4", "val_fraction": 0.1}))  # not what finetune writes
+    line = _one_error_line(CliRunner().invoke(main, base + ["--teachers", str(ft / "teachers.yaml"), "--labelset", "gt4"]))
+    assert "'labelset.id'" in line and "teachers finetune" in line
     line = _one_error_line(CliRunner().invoke(main, base[:2] + ["--teachers", str(tmp_path / "missing.yaml"),
                                                                 *base[4:], "--labelset", "gt4"]))
     assert "missing.yaml" in line
