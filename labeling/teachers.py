@@ -2,7 +2,8 @@
 
 A preset names the two teachers and their settings::
 
-    detector:                       # Grounding DINO, anything transformers' from_pretrained loads
+    detector:                       # anything transformers' from_pretrained loads
+      kind: grounding-dino          # labeling.kinds.DETECTORS
       model: IDEA-Research/grounding-dino-tiny
       revision: null
       adapter: null                 # a LoRA adapter folder from `distillery teachers finetune`
@@ -13,12 +14,17 @@ A preset names the two teachers and their settings::
       max_detections: 300
       batch_size: 4
       actors: 1
-    segmenter:                      # segment-anything
+    segmenter:
+      kind: sam                     # labeling.kinds.SEGMENTERS; sam: segment-anything, other
+      model: null                   #   kinds load `model` (+ revision) with from_pretrained
       model_type: vit_b
       checkpoint: ~/models/sam_vit_b_01ec64.pth
       boxes_per_call: 32
       batch_size: 4
       actors: 1
+    teacher: null                   # or {kind: sam3, model: ..., box_floor, nms_iou, merge,
+                                    #   max_detections, batch_size, actors}: one model detects
+                                    #   and segments; detector and segmenter are then unused
     device: auto                    # auto | cpu | cuda
     precision: fp32                 # fp32 | fp16 | bf16 (GPU only)
 
@@ -41,9 +47,8 @@ from typing_extensions import TypedDict
 from distillery.engine.schema import StrictConfig, validate_config
 from distillery.engine.job import DECODED_SCHEMA, StageSpec, as_table, image_of
 from distillery.engine.record import LabelRecord, rows_to_table
-from distillery.labeling.detector import GroundingDinoTeacher
 from distillery.labeling.ontology import Ontology
-from distillery.labeling.segmenter import SAM_MODEL_TYPES, SamTeacher
+from distillery.labeling.segmenter import SAM_MODEL_TYPES
 
 #: Decoded columns plus the detector's boxes (float32 N*4, xyxy px) and scores (float32 N*C).
 DETECTED_SCHEMA = DECODED_SCHEMA.append(pa.field("boxes", pa.list_(pa.float32()))).append(
@@ -72,9 +77,24 @@ def _base(info: ValidationInfo) -> Path | None:
     return (info.context or {}).get("base")
 
 
-class DetectorConfig(StrictConfig):
-    """Grounding DINO settings (see the module docstring); ``image_size`` stays a plain dict."""
+def _registered(table: dict, role: str, v: str) -> str:
+    if v not in table:
+        raise ValueError(f"unknown {role} kind {v!r}; known: {', '.join(sorted(table))}")
+    return v
 
+
+def _model_dir(v: str | None, info: ValidationInfo) -> str | None:
+    """A directory relative to the preset's folder becomes absolute; anything else is a hub id."""
+    base = _base(info)
+    if v is not None and base is not None and (local := Path(base) / os.path.expanduser(v)).is_dir():
+        return str(local.resolve())
+    return v
+
+
+class DetectorConfig(StrictConfig):
+    """Detector settings (see the module docstring); ``image_size`` stays a plain dict."""
+
+    kind: str = "grounding-dino"  # labeling.kinds.DETECTORS
     model: str = "IDEA-Research/grounding-dino-tiny"
     revision: str | None = None
     box_floor: Fraction = 0.05
@@ -86,14 +106,17 @@ class DetectorConfig(StrictConfig):
     actors: PositiveInt = 1
     adapter: str | None = None
 
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        from distillery.labeling.kinds import DETECTORS
+
+        return _registered(DETECTORS, "detector", v)
+
     @field_validator("model")
     @classmethod
     def _local_dir(cls, v: str, info: ValidationInfo) -> str:
-        """A directory relative to the preset's folder becomes absolute; anything else is a hub id."""
-        base = _base(info)
-        if base is not None and (local := Path(base) / os.path.expanduser(v)).is_dir():
-            return str(local.resolve())
-        return v
+        return _model_dir(v, info)
 
     @field_validator("adapter")
     @classmethod
@@ -111,13 +134,41 @@ class DetectorConfig(StrictConfig):
 
 
 class SegmenterConfig(StrictConfig):
-    """segment-anything settings (see the module docstring)."""
+    """Segmenter settings (see the module docstring): ``kind: sam`` (segment-anything) reads
+    ``model_type`` and ``checkpoint``; the other kinds read ``model`` (+ ``revision``), a local
+    folder or hub id that transformers' ``from_pretrained`` loads."""
 
+    kind: str = "sam"  # labeling.kinds.SEGMENTERS
+    model: str | None = None
+    revision: str | None = None
     model_type: Literal[SAM_MODEL_TYPES] = "vit_b"
     checkpoint: str | None = None
     boxes_per_call: PositiveInt = 32
     batch_size: PositiveInt = 4
     actors: PositiveInt = 1
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        from distillery.labeling.kinds import SEGMENTERS
+
+        return _registered(SEGMENTERS, "segmenter", v)
+
+    @field_validator("model")
+    @classmethod
+    def _local_dir(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _model_dir(v, info)
+
+    @model_validator(mode="after")
+    def _weights_of_the_kind(self) -> "SegmenterConfig":
+        from distillery.labeling.kinds import CHECKPOINT_SEGMENTERS
+
+        if self.kind in CHECKPOINT_SEGMENTERS and self.model is not None:
+            raise ValueError(f"kind {self.kind} loads model_type + checkpoint (segment-anything); remove 'model'")
+        if self.kind not in CHECKPOINT_SEGMENTERS and (self.model is None or self.checkpoint is not None):
+            raise ValueError(f"kind {self.kind} loads 'model' (a folder or hub id for transformers' "
+                             "from_pretrained); set it, and remove 'checkpoint'")
+        return self
 
     @field_validator("checkpoint")
     @classmethod
@@ -136,11 +187,39 @@ class SegmenterConfig(StrictConfig):
         return v
 
 
+class GroundedConfig(StrictConfig):
+    """One model that detects and segments from text (``teacher.kind``, e.g. SAM 3)."""
+
+    kind: str  # labeling.kinds.GROUNDED
+    model: str
+    revision: str | None = None
+    box_floor: Fraction = 0.05
+    nms_iou: Fraction = 0.7
+    merge: Literal["agnostic", "class-aware"] = "agnostic"
+    max_detections: PositiveInt = 300
+    batch_size: PositiveInt = 4
+    actors: PositiveInt = 1
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        from distillery.labeling.kinds import GROUNDED
+
+        return _registered(GROUNDED, "teacher", v)
+
+    @field_validator("model")
+    @classmethod
+    def _local_dir(cls, v: str, info: ValidationInfo) -> str:
+        return _model_dir(v, info)
+
+
 class TeacherPreset(StrictConfig):
-    """A teachers preset (see the module docstring); validated by pydantic on construction."""
+    """A teachers preset (see the module docstring); validated by pydantic on construction.
+    With ``teacher`` set, that one model labels and ``detector`` / ``segmenter`` are unused."""
 
     detector: DetectorConfig = Field(default_factory=DetectorConfig)
     segmenter: SegmenterConfig = Field(default_factory=SegmenterConfig)
+    teacher: GroundedConfig | None = None
     device: str = "auto"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
 
@@ -292,19 +371,31 @@ def labelset_spec(ontology: Ontology, preset: TeacherPreset) -> dict:
     images are labeled, not their labels; a rerun with a larger limit labels the images
     that were too large, in the same label set)."""
     d, s = preset.detector, preset.segmenter
-    detector = {"type": "grounding-dino", **detector_identity(d.model, d.revision)}
+    if preset.teacher is not None:
+        t = preset.teacher
+        return {
+            "kind": "teacher",
+            "ontology": ontology.to_dict(),
+            "teachers": {"teacher": {"type": t.kind, **detector_identity(t.model, t.revision)},
+                         "precision": preset.precision},
+            "preprocessing": {"decode": "pillow-exif_transpose-rgb"},
+            "thresholds": {"box_floor": t.box_floor, "nms_iou": t.nms_iou, "max_detections": t.max_detections,
+                           "merge": t.merge},
+        }
+    detector = {"type": d.kind, **detector_identity(d.model, d.revision)}
     if d.adapter is not None:
         detector["adapter_sha256"] = adapter_sha256(d.adapter)
+    if s.kind == "sam":  # segment-anything: the type name ids had before other kinds existed
+        segmenter = {"type": "segment-anything", "model_type": s.model_type,
+                     "checkpoint_sha256": file_sha256(s.checkpoint) if s.checkpoint else None}
+    else:
+        segmenter = {"type": s.kind, **detector_identity(s.model, s.revision)}
     return {
         "kind": "teacher",
         "ontology": ontology.to_dict(),
         "teachers": {
             "detector": detector,
-            "segmenter": {
-                "type": "segment-anything",
-                "model_type": s.model_type,
-                "checkpoint_sha256": file_sha256(s.checkpoint) if s.checkpoint else None,
-            },
+            "segmenter": segmenter,
             "precision": preset.precision,
         },
         "preprocessing": {
@@ -320,17 +411,14 @@ def labelset_spec(ontology: Ontology, preset: TeacherPreset) -> dict:
 class DetectStage:
     """Ray Data stage: adds ``boxes`` (float32 N*4, xyxy px) and ``scores`` (float32 N*C)."""
 
-    teacher_class = GroundingDinoTeacher
+    #: a subclass of the kind's class to build instead (tests' oracles); None: the kind's own
+    teacher_class = None
 
     def __init__(self, preset: dict, ontology: dict) -> None:
-        p = TeacherPreset.from_dict(preset)
-        d = p.detector
-        self.teacher = self.teacher_class(
-            d.model, Ontology.from_dict(ontology), revision=d.revision, device=p.device, precision=p.precision,
-            box_floor=d.box_floor, nms_iou=d.nms_iou, image_size=d.image_size, max_detections=d.max_detections,
-            merge=d.merge,
-            adapter=d.adapter,
-        )
+        from distillery.labeling.kinds import build_detector
+
+        self.teacher = build_detector(TeacherPreset.from_dict(preset), Ontology.from_dict(ontology),
+                                      cls=self.teacher_class)
         self.num_classes = len(self.teacher.ontology.classes)
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -347,14 +435,13 @@ class DetectStage:
 class SegmentStage:
     """Ray Data stage: SAM masks for the detected boxes; returns ROW_SCHEMA columns (pixels dropped)."""
 
-    teacher_class = SamTeacher
+    #: as :attr:`DetectStage.teacher_class`
+    teacher_class = None
 
     def __init__(self, preset: dict, num_classes: int) -> None:
-        p = TeacherPreset.from_dict(preset)
-        s = p.segmenter
-        self.teacher = self.teacher_class(
-            s.model_type, s.checkpoint, device=p.device, precision=p.precision, boxes_per_call=s.boxes_per_call
-        )
+        from distillery.labeling.kinds import build_segmenter
+
+        self.teacher = build_segmenter(TeacherPreset.from_dict(preset), cls=self.teacher_class)
         self.num_classes = int(num_classes)
 
     def __call__(self, batch: dict) -> pa.Table:
@@ -376,12 +463,48 @@ class SegmentStage:
         return rows_to_table(rows)
 
 
+class GroundedStage:
+    """Ray Data stage of a grounded segmenter (``teacher.kind``): boxes, soft scores and masks
+    from one model; returns ROW_SCHEMA columns (pixels dropped)."""
+
+    #: as :attr:`DetectStage.teacher_class`
+    teacher_class = None
+
+    def __init__(self, preset: dict, ontology: dict) -> None:
+        from distillery.labeling.kinds import build_grounded
+
+        self.teacher = build_grounded(TeacherPreset.from_dict(preset), Ontology.from_dict(ontology),
+                                      cls=self.teacher_class)
+        self.num_classes = len(self.teacher.ontology.classes)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        n, C = len(batch["path"]), self.num_classes
+        ok = [i for i in range(n) if batch["error"][i] is None]
+        out = dict(zip(ok, self.teacher([image_of(batch, i) for i in ok])))
+        rows = []
+        for i in range(n):
+            path, image_id = str(batch["path"][i]), str(batch["image_id"][i])
+            if i not in out:
+                rows.append(LabelRecord.failed(path, str(batch["error"][i]), C, image_id).to_row())
+                continue
+            det, masks, mask_score = out[i]
+            rows.append(LabelRecord(
+                image_id=image_id, path=path, width=int(batch["width"][i]), height=int(batch["height"][i]),
+                num_classes=C, boxes=det.boxes, scores=det.scores, masks=masks, mask_score=mask_score,
+            ).to_row())
+        return rows_to_table(rows)
+
+
 def teacher_stages(preset: TeacherPreset, ontology: Ontology) -> list[StageSpec]:
-    """The detector and segmenter stages for :func:`distillery.engine.job.run_label_job`; each actor asks
+    """The detector and segmenter stages (or, with ``teacher`` set, the one grounded stage) for
+    :func:`distillery.engine.job.run_label_job`; each actor asks
     for a share of the GPUs (:func:`~distillery.engine.job.plan_actor_gpus`) when the preset's device
     is ``auto`` or ``cuda*`` and the cluster has GPUs."""
     gpu = preset.device == "auto" or preset.device.startswith("cuda")
     pd = preset.to_dict()
+    if preset.teacher is not None:
+        return [StageSpec(GroundedStage, {"preset": pd, "ontology": ontology.to_dict()},
+                          preset.teacher.batch_size, preset.teacher.actors, gpu)]
     return [
         StageSpec(DetectStage, {"preset": pd, "ontology": ontology.to_dict()},
                   preset.detector.batch_size, preset.detector.actors, gpu),

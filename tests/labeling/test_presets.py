@@ -17,16 +17,20 @@ def write(tmp_path, data, name="p.yaml"):
     return p
 
 
-DETECTOR_KEYS = "model, revision, box_floor, nms_iou, merge, image_size, max_detections, batch_size, actors, adapter"
+DETECTOR_KEYS = "kind, model, revision, box_floor, nms_iou, merge, image_size, max_detections, batch_size, actors, adapter"
 
 #: (YAML text, key path, what the message must say after "<file>: <key path>: ").
 BAD_PRESETS = [
-    ("colour: red\n", "colour", "unknown key; known keys: detector, segmenter, device, precision"),
+    ("detector: {kind: yolo-world}\n", "detector.kind", "unknown detector kind 'yolo-world'; known: grounding-dino"),
+    ("segmenter: {kind: sam, model: facebook/sam-vit-base}\n", "segmenter",
+     "kind sam loads model_type + checkpoint (segment-anything); remove 'model'"),
+    ("teacher: {kind: sam9, model: x}\n", "teacher.kind", "unknown teacher kind 'sam9'; known: "),
+    ("colour: red\n", "colour", "unknown key; known keys: detector, segmenter, teacher, device, precision"),
     ("detector: {colour: 1}\n", "detector.colour", f"unknown key; known keys in detector: {DETECTOR_KEYS}"),
     ("detector: {image_size: {shortest_edge: 800, longest_edge: 1333, max_size: 2000}}\n",
      "detector.image_size.max_size", "unknown key; known keys in detector.image_size: shortest_edge, longest_edge"),
     ("segmenter: {points: 4}\n", "segmenter.points",
-     "unknown key; known keys in segmenter: model_type, checkpoint, boxes_per_call, batch_size, actors"),
+     "unknown key; known keys in segmenter: kind, model, revision, model_type, checkpoint, boxes_per_call, batch_size, actors"),
     ("detector: {batch_size: four}\n", "detector.batch_size", "must be a positive integer, got 'four'"),
     ("detector: {batch_size: '4'}\n", "detector.batch_size",
      "must be a positive integer, got '4' (a number in quotes is text: remove the quotes)"),
@@ -116,7 +120,7 @@ def test_preset_shape_and_duplicate_keys(tmp_path):
     p = write(tmp_path, "- a\n- b\n")
     with pytest.raises(PresetError) as e:
         TeacherPreset.load(p)
-    assert str(e.value) == f"{p}: must be a mapping with keys detector, segmenter, device, precision, got list"
+    assert str(e.value) == f"{p}: must be a mapping with keys detector, segmenter, teacher, device, precision, got list"
     with pytest.raises(PresetError, match="given twice"):
         TeacherPreset.load(write(tmp_path, "device: cpu\ndevice: auto\n"))
     assert TeacherPreset.load(write(tmp_path, "")) == TeacherPreset()  # an empty preset: every default

@@ -1,0 +1,80 @@
+"""Teacher kinds behind one interface: which class builds each preset ``kind``.
+
+Three roles (the label job's stages call nothing else):
+
+* **detector** (``detector.kind``): ``build_detector(preset, ontology)`` -> an object whose
+  ``__call__(images)`` takes RGB uint8 ``(H, W, 3)`` arrays and returns one
+  :class:`~distillery.labeling.detector.Detections` per image: float32 ``(N, 4)`` xyxy boxes in
+  pixels of the original frame and a float32 ``(N, C)`` soft score per ontology class.
+* **segmenter** (``segmenter.kind``): ``build_segmenter(preset)`` -> ``__call__(image, boxes)``
+  with float32 ``(N, 4)`` xyxy pixel boxes, returning ``N`` compressed COCO RLE dicts
+  (``size == [H, W]``) and a float32 ``(N,)`` mask score in [0, 1].
+* **grounded segmenter** (``teacher.kind``, e.g. SAM 3): ``build_grounded(preset, ontology)`` ->
+  ``__call__(images)`` returning, per image, ``(Detections, rles, mask_score)``.
+
+Each kind registers a builder ``(preset, [ontology,] cls=None) -> teacher`` here; the builder
+reads the settings its class needs from the validated
+:class:`~distillery.labeling.teachers.TeacherPreset`, and builds ``cls`` instead of its own
+class when given (a subclass: the geometry oracles of ``tests/oracle.py`` replace the raw
+model output that way). Builders import their model code lazily, so a preset of one kind
+never imports another's.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+#: ``detector.kind`` -> builder ``(preset, ontology) -> detector``.
+DETECTORS: dict[str, Callable] = {}
+#: ``segmenter.kind`` -> builder ``(preset) -> segmenter``.
+SEGMENTERS: dict[str, Callable] = {}
+#: ``teacher.kind`` -> builder ``(preset, ontology) -> grounded segmenter``.
+GROUNDED: dict[str, Callable] = {}
+
+#: ``segmenter.kind`` values whose weights are a segment-anything ``checkpoint`` + ``model_type``;
+#: every other segmenter kind loads ``segmenter.model`` with transformers' ``from_pretrained``.
+CHECKPOINT_SEGMENTERS = ("sam",)
+
+
+def _grounding_dino(preset, ontology, cls=None):
+    from distillery.labeling.detector import GroundingDinoTeacher
+
+    d, p = preset.detector, preset
+    return (cls or GroundingDinoTeacher)(d.model, ontology, revision=d.revision, device=p.device, precision=p.precision,
+                                box_floor=d.box_floor, nms_iou=d.nms_iou, image_size=d.image_size,
+                                max_detections=d.max_detections, merge=d.merge, adapter=d.adapter)
+
+
+def _sam(preset, cls=None):
+    from distillery.labeling.segmenter import SamTeacher
+
+    s, p = preset.segmenter, preset
+    return (cls or SamTeacher)(s.model_type, s.checkpoint, device=p.device, precision=p.precision,
+                      boxes_per_call=s.boxes_per_call)
+
+
+DETECTORS["grounding-dino"] = _grounding_dino
+SEGMENTERS["sam"] = _sam
+
+
+def _lookup(table: dict, role: str, kind: str) -> Callable:
+    if kind not in table:
+        known = ", ".join(sorted(table)) or "none"
+        raise ValueError(f"unknown {role} kind {kind!r}; known: {known}")
+    return table[kind]
+
+
+def build_detector(preset, ontology, cls=None):
+    """The detector of ``preset.detector.kind`` (``cls``: a subclass of its class to build
+    instead). Raises ValueError for an unknown kind."""
+    return _lookup(DETECTORS, "detector", preset.detector.kind)(preset, ontology, cls=cls)
+
+
+def build_segmenter(preset, cls=None):
+    """The segmenter of ``preset.segmenter.kind`` (``cls`` as in :func:`build_detector`)."""
+    return _lookup(SEGMENTERS, "segmenter", preset.segmenter.kind)(preset, cls=cls)
+
+
+def build_grounded(preset, ontology, cls=None):
+    """The grounded segmenter of ``preset.teacher.kind`` (``cls`` as in :func:`build_detector`)."""
+    return _lookup(GROUNDED, "teacher", preset.teacher.kind)(preset, ontology, cls=cls)
