@@ -9,7 +9,10 @@ steps are separate methods so each can be checked alone:
   ImageNet normalisation, pad with a pixel mask);
 * :meth:`forward` -- one model call per prompt chunk, returning raw ``logits``
   ``(B, Q, max_text_len)`` and ``pred_boxes`` ``(B, Q, 4)`` in normalised cxcywh of the
-  unpadded resized image (transformers ``GroundingDinoObjectDetectionOutput``);
+  unpadded resized image (transformers ``GroundingDinoObjectDetectionOutput``); the
+  image-only part of the model (Swin backbone, input projections, masks, position
+  embeddings) runs once per image batch and is reused by every chunk
+  (:class:`distillery.labeling.detector_cache.ImageFeatureCache`);
 * :meth:`postprocess` -- sigmoid, token spans -> per-class scores (see
   :mod:`distillery.labeling.ontology`), boxes to xyxy absolute pixels of the original frame,
   and the merge of all chunks' boxes into one instance per object (:func:`merge_agnostic`),
@@ -18,12 +21,14 @@ steps are separate methods so each can be checked alone:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torchvision.ops import batched_nms, box_convert, box_iou, clip_boxes_to_image, nms
 
+from distillery.labeling.detector_cache import ImageFeatureCache
 from distillery.labeling.ontology import Ontology, build_chunks
 
 
@@ -141,6 +146,10 @@ class GroundingDinoTeacher:
         max_detections: at most this many boxes per image after NMS, best first.
         adapter: a peft LoRA adapter directory (``distillery teachers finetune``), loaded onto
             ``model`` and merged into its weights (``merge_and_unload``) for inference.
+        reuse_image_features: run the image backbone once per image batch and reuse it for
+            every prompt chunk (default True; False reruns it per chunk, the plain
+            transformers call, kept for benchmarks and parity tests). Labels are the same
+            either way (same operations on the same tensors), so it is not in the fingerprint.
 
     Raises:
         ValueError: unknown ``precision`` or ``merge``.
@@ -162,6 +171,7 @@ class GroundingDinoTeacher:
         max_detections: int = 300,
         merge: str = "agnostic",
         adapter: str | None = None,
+        reuse_image_features: bool = True,
     ) -> None:
         self.device = resolve_device(device)
         if precision not in DTYPES:
@@ -172,6 +182,7 @@ class GroundingDinoTeacher:
         self.dtype = DTYPES[precision] if self.device.type == "cuda" else torch.float32
         self.processor, self.model = self.load(model, revision, adapter)
         self.model.to(self.device, self.dtype).eval()
+        self.image_cache = ImageFeatureCache(self.model) if reuse_image_features else None
         self.ontology = ontology
         self.max_text_len = int(self.model.config.max_text_len)
         self.use_chunks(build_chunks(ontology, self.processor.tokenizer, self.max_text_len))
@@ -211,14 +222,17 @@ class GroundingDinoTeacher:
     # -- steps -------------------------------------------------------------------------
     def preprocess(self, images: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """RGB uint8 ``(H, W, 3)`` images -> ``pixel_values`` float ``(B, 3, h, w)`` and ``pixel_mask``
-        ``(B, h, w)`` (1 on real pixels, 0 on padding), resized and normalised by the processor."""
+        ``(B, h, w)`` (1 on real pixels, 0 on padding), resized and normalised by the processor,
+        on the model's device and ``pixel_values`` in its dtype (moved once, so every chunk's
+        :meth:`forward` gets the same tensors and the image cache applies)."""
         kwargs = {"size": self.image_size} if self.image_size else {}
         # channels_last, said outright: the processor otherwise guesses the channel axis from the
         # shape, and a 1x1, 4x4 or 100x1 image reads as channels-first (a crash that took down
         # the whole labelling batch, on every resume)
         out = self.processor.image_processor(images=list(images), return_tensors="pt",
                                              input_data_format="channels_last", **kwargs)
-        return {"pixel_values": out["pixel_values"], "pixel_mask": out["pixel_mask"]}
+        return {"pixel_values": out["pixel_values"].to(self.device, self.dtype),
+                "pixel_mask": out["pixel_mask"].to(self.device)}
 
     @torch.inference_mode()
     def forward(self, inputs: dict[str, torch.Tensor], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,5 +294,6 @@ class GroundingDinoTeacher:
             return []
         sizes = [tuple(im.shape[:2]) for im in images]
         inputs = self.preprocess(images)
-        outputs = [self.forward(inputs, k) for k in range(len(self.chunks))]
+        with self.image_cache.reuse() if self.image_cache else nullcontext():
+            outputs = [self.forward(inputs, k) for k in range(len(self.chunks))]
         return self.postprocess(outputs, sizes)
