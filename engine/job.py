@@ -181,6 +181,16 @@ def _batches_local(paths, stages, max_pixels, decode_batch_size):
         yield as_batch(table)
 
 
+# Fault tolerance on Ray. A teacher actor that dies (``kill -9``, the OOM killer, a lost node)
+# is restarted and the batch it held is resubmitted: Ray Data gives actor pools
+# ``max_restarts=-1`` and ``max_task_retries=-1`` (``ActorPoolMapOperator._apply_default_remote_args``),
+# and a decode task whose worker dies is retried by Ray Core (tasks' ``max_retries`` default 3).
+# Stages are deterministic given their batch, so a retried batch yields the rows an
+# uninterrupted run would (tests/engine/test_faults.py kills an actor mid-run). These are
+# defaults, not arguments: Ray 2.60 deprecates passing ``max_restarts``/``max_task_retries``/
+# ``max_retries`` through ``map_batches(**ray_remote_args)`` and removes it in 2.64.
+
+
 def _batches_ray(paths, stages, max_pixels, decode_batch_size, ray_address):
     import ray
 
@@ -188,7 +198,9 @@ def _batches_ray(paths, stages, max_pixels, decode_batch_size, ray_address):
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            from distillery.engine.ray_local import init_local_ray
+
+            init_local_ray(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # duplicates resolve to the first path listed
     ctx.enable_progress_bars = False
@@ -230,6 +242,7 @@ def run_label_job(
     ray_address: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     shard_size: int = 256,
+    flush_seconds: float | None = 60.0,
     decode_batch_size: int = 8,
     progress: bool = True,
     on_row: Callable[[dict], Any] | None = None,
@@ -242,22 +255,27 @@ def run_label_job(
         stages: model stages, in order; the last returns :data:`ROW_SCHEMA` columns.
         runner: ``"ray"`` (Ray Data; local cluster unless ``ray_address``) or ``"local"``.
         max_pixels: images with more pixels become ``too-large`` error records.
-        shard_size: rows per Parquet shard (what a crash can lose at most).
+        shard_size: rows per Parquet shard at most.
+        flush_seconds: a shard is also written once its oldest row has waited this long, so a
+            crash loses at most about this many seconds of finished rows, plus the images
+            still in the pipeline (at most a block per stage); None: by size only.
         decode_batch_size: paths per decode task (and per Ray block).
 
     Returns:
         :class:`JobSummary` over this run (``skipped`` = already in the store).
 
     Raises:
-        ValueError: unknown runner. StoreError: another job holds the label set.
+        ValueError: unknown runner. StoreError: another job holds the label set (its pid is
+        named), or a shard cannot be written (e.g. the disk is full; rows already written stay).
     """
     if runner not in ("ray", "local"):
         raise ValueError(f"runner must be 'ray' or 'local', got {runner!r}")
     start = time.perf_counter()
     first = None
     summary = JobSummary(labelset.id, total=len(paths))
-    with labelset.writer(shard_size) as writer:
+    with labelset.writer(shard_size, flush_seconds=flush_seconds, track_paths=False) as writer:
         pending = [p for p in paths if p not in writer.done_paths]
+        writer.done_paths.clear()  # not consulted again (track_paths=False): no per-image set in the driver
         summary.skipped = len(paths) - len(pending)
         if pending:
             if runner == "local":

@@ -2,18 +2,21 @@
 
 Layout::
 
-    STORE/labelsets/<labelset_id>/manifest.json      # schema version, ontology, teachers, ...
+    STORE/labelsets/<labelset_id>/manifest.json      # schema version, ontology, teachers, shards: {file: rows}
     STORE/labelsets/<labelset_id>/shards/*.parquet   # rows of engine.record.ROW_SCHEMA
-    STORE/labelsets/<labelset_id>/.lock              # held (flock) by the one job writing
+    STORE/labelsets/<labelset_id>/.lock              # held (flock) by the one job writing; holds its pid
     STORE/labelsets/<labelset_id>/curation/v0001.parquet  # curation decisions, version 1, ...
 
-Shards are written whole under a temporary name, then renamed (``os.replace`` is atomic
-on POSIX), so a crash -- ``kill -9`` included -- loses at most the shard in flight and
-never leaves a partial one visible. Shard names start with a nanosecond timestamp, so
-name order is write order. Every input path ends as one live row; a rerun skips the
-paths already stored, so it resumes where it stopped, and tries again the paths whose
-row is a retryable error (:data:`distillery.engine.images.RETRYABLE_ERRORS`: the file may have been
-fixed). The new row supersedes the old one: readers see the last row of each path.
+Shards are written whole under a temporary name (``.tmp-*``), fsynced, then renamed
+(``os.replace`` is atomic on POSIX), so a crash -- ``kill -9`` or a full disk included --
+loses at most the shard in flight and never leaves a partial one visible
+(:mod:`distillery.engine.writer`). Shard names start with a nanosecond timestamp, so name
+order is write order; the manifest's ``shards`` map records each shard's row count once it
+is in place (``distillery labels verify`` checks both agree). Every input path ends as one
+live row; a rerun skips the paths already stored, so it resumes where it stopped, and tries
+again the paths whose row is a retryable error
+(:data:`distillery.engine.images.RETRYABLE_ERRORS`: the file may have been fixed). The new
+row supersedes the old one: readers see the last row of each path.
 Label sets are never overwritten: a different ontology, teacher or setting has a
 different id.
 
@@ -46,9 +49,9 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distillery.engine.images import RETRYABLE_ERRORS, error_kind
+from distillery.engine.images import error_kind
 from distillery.engine.names import check_name, holder, matches
-from distillery.engine.record import ROW_SCHEMA, SCHEMA_VERSION, LabelRecord, rows_to_table
+from distillery.engine.record import ROW_SCHEMA, SCHEMA_VERSION, LabelRecord
 
 
 #: One row per decision. ``instance_id`` null: the decision is about the whole image.
@@ -92,6 +95,31 @@ def _flock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def lock_or_refuse(path: Path, what: str):
+    """An open file holding an exclusive, non-blocking ``flock`` on ``path``, with this
+    process's pid written in it; close the file to release the lock (the kernel also releases
+    it when the process dies, ``kill -9`` included, so a lock file left behind never blocks).
+
+    Raises:
+        StoreError: another process holds it; the message names ``what`` and the holder's pid.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")  # not "w": that would erase the holder's pid before we know we lost
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise StoreError(f"{what} is being written by another job (pid {pid}, lock {path}); wait for it to finish "
+                         f"or stop it, then rerun") from e
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _package_version() -> str:
@@ -156,13 +184,44 @@ class LabelSet:
         what = f"{self.manifest.get('kind') or 'unknown kind'}, {n} image{'' if n == 1 else 's'}"
         return f"{self.name} ({self.id}, {what})" if self.name else f"{self.id} ({what}, unnamed)"
 
-    def _write_manifest(self) -> None:
-        tmp = self.root / ".manifest.json.tmp"
-        tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=True))
-        os.replace(tmp, self.root / "manifest.json")
+    def update_manifest(self, change) -> None:
+        """Apply ``change(manifest: dict)`` to the manifest on disk and write it back whole
+        (temporary file, then rename), under a lock, so that a rename and a writer recording a
+        shard never lose each other's update. ``self.manifest`` becomes the new manifest.
+
+        Raises:
+            OSError: the manifest cannot be written (e.g. ``ENOSPC``); the old one stays.
+        """
+        with _flock(self.root / ".manifest.lock"):
+            path = self.root / "manifest.json"
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            change(manifest)
+            tmp = self.root / ".manifest.json.tmp"
+            try:
+                tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                os.replace(tmp, path)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
+            self.manifest = manifest
+
+    @property
+    def shard_rows(self) -> dict[str, int] | None:
+        """Row count of each shard file as the manifest records it (None: a label set written
+        before the manifest recorded shards; its next writer records them)."""
+        rows = self.manifest.get("shards")
+        return None if rows is None else dict(rows)
+
+    def lock_for_writing(self):
+        """The label set's writer lock (:func:`lock_or_refuse`): one job writes at a time."""
+        return lock_or_refuse(self.root / ".lock", f"label set {self.id}")
 
     def shards(self) -> list[Path]:
-        return sorted(self.shard_dir.glob("*.parquet")) if self.shard_dir.is_dir() else []
+        """Shard files in write order. Temporary files (``.tmp-*``, a shard in flight or left by
+        a crash) are not shards: ``Path.glob("*")`` matches dot-files, so they are filtered."""
+        if not self.shard_dir.is_dir():
+            return []
+        return sorted(p for p in self.shard_dir.glob("*.parquet") if not p.name.startswith("."))
 
     def _live(self) -> list[tuple[Path, list[int] | None]]:
         """Per shard, the indices of its live rows (None: all): a row is superseded by a later
@@ -314,81 +373,12 @@ class LabelSet:
                 c.error_records.append((path, err))
         return c
 
-    def writer(self, shard_size: int = 256) -> "LabelSetWriter":
-        """Exclusive writer (a second concurrent job on this label set raises :class:`StoreError`)."""
-        return LabelSetWriter(self, shard_size)
+    def writer(self, shard_size: int = 256, flush_seconds: float | None = 60.0, track_paths: bool = True):
+        """Exclusive writer (:class:`distillery.engine.writer.LabelSetWriter`): a second
+        concurrent job on this label set raises :class:`StoreError` naming the holder's pid."""
+        from distillery.engine.writer import LabelSetWriter
 
-
-class LabelSetWriter:
-    """Buffers rows and writes them as atomic Parquet shards of ``shard_size`` rows.
-
-    Duplicates are resolved here: an image whose bytes (``image_id``) are already stored
-    under another path gets an error row ``duplicate: same bytes as <path>``, so every
-    input path is accounted for and each image is labeled once. Use as a context
-    manager; leaving it flushes the last, partial shard.
-    """
-
-    def __init__(self, labelset: LabelSet, shard_size: int) -> None:
-        if shard_size < 1:
-            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        self.ls = labelset
-        self.shard_size = int(shard_size)
-        self.ls.shard_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.ls.root / ".lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            self._lock.close()
-            raise StoreError(f"label set {self.ls.id} is being written by another job; wait for it to finish") from e
-        for tmp in self.ls.shard_dir.glob(".tmp-*"):
-            tmp.unlink()  # a shard in flight when a previous job died
-        done = self.ls.read_columns(["path", "image_id", "error"])
-        rows = list(zip(*(done.column(c).to_pylist() for c in ("path", "image_id", "error"))))
-        #: paths whose live row is final (labels, a duplicate); retryable errors are not
-        self.done_paths: set[str] = {p for p, _, e in rows if e is None or error_kind(e) not in RETRYABLE_ERRORS}
-        self._first_path: dict[str, str] = {i: p for p, i, e in rows if e is None}
-        self._rows: list[dict] = []
-        self.written = 0
-
-    def add(self, row: dict) -> dict:
-        """Queue one row of :data:`ROW_SCHEMA`; returns the row as stored (maybe a duplicate error)."""
-        if row["error"] is None:
-            first = self._first_path.setdefault(row["image_id"], row["path"])
-            if first != row["path"]:
-                row = LabelRecord.failed(
-                    row["path"], f"duplicate: same bytes as {first}", len(self.ls.classes), row["image_id"]
-                ).to_row()
-        self.done_paths.add(row["path"])
-        self._rows.append(row)
-        if len(self._rows) >= self.shard_size:
-            self.flush()
-        return row
-
-    def flush(self) -> None:
-        if not self._rows:
-            return
-        table = rows_to_table(self._rows)
-        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.ls.shard_dir / f".tmp-{name}"
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.ls.shard_dir / name)
-        self.written += len(self._rows)
-        self._rows = []
-
-    def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
-
-    def __enter__(self) -> "LabelSetWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return LabelSetWriter(self, shard_size, flush_seconds=flush_seconds, track_paths=track_paths)
 
 
 class LabelStore:
@@ -448,8 +438,7 @@ class LabelStore:
             if (root / "manifest.json").is_file():
                 ls = LabelSet(root)
                 if name is not None and ls.name is None:
-                    ls.manifest["name"] = name
-                    ls._write_manifest()
+                    ls.update_manifest(lambda m: m.update(name=name))
                 elif name is not None and ls.name != name:
                     raise StoreError(
                         f"label set {ls_id} (same inputs, teachers and settings) is already named {ls.name!r}, not "
@@ -485,8 +474,7 @@ class LabelStore:
         with self._naming_lock():
             ls = self.open(name_or_id)
             self._check_free(new_name, ls.id)
-            ls.manifest["name"] = new_name
-            ls._write_manifest()
+            ls.update_manifest(lambda m: m.update(name=new_name))
             return ls
 
     def open(self, name_or_id: str | None = None) -> LabelSet:

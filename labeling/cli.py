@@ -46,12 +46,15 @@ def name_option(what: str = "label set"):
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Images above this many pixels become error records.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per Parquet shard.")
+@click.option("--flush-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Also write a shard once its oldest image has waited this long, so a crash loses at most about "
+                   "this much finished work (plus the blocks still in the pipeline).")
 @click.option("--block-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per decode task (Ray block).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @name_option()
 @fail_cleanly
 def label(sources, classes, ontology_path, store, preset_path, runner, ray_address, max_pixels, shard_size,
-          block_size, quiet, name):
+          flush_seconds, block_size, quiet, name):
     """Label images with the teachers into a label set of STORE.
 
     SOURCES are folders (searched recursively), text files listing image paths, or COCO
@@ -89,7 +92,8 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
     click.echo(f"label set {ls.id}: {len(paths)} images, {len(onto.classes)} classes in {chunks} prompt "
                f"chunk(s), store {store}")
     s = run_label_job(paths, ls, teacher_stages(preset, onto), runner=runner, ray_address=ray_address,
-                      max_pixels=max_pixels, shard_size=shard_size, decode_batch_size=block_size,
+                      max_pixels=max_pixels, shard_size=shard_size, flush_seconds=flush_seconds,
+                      decode_batch_size=block_size,
                       progress=not quiet)
     errors = ", ".join(f"{k} {v}" for k, v in sorted(s.errors.items())) or "none"
     click.echo(
@@ -249,6 +253,34 @@ def labels_import(coco_path, images_dir, store, name):
         "dropped with their failed images"
     )
     _echo_store_totals(ls)
+
+
+@labels.command("verify")
+@click.option("--store", required=True, type=Store())
+@click.option("--labelset", default=None, metavar="NAME|ID", help="Check only this label set (default: all).")
+@click.option("--repair", is_flag=True, help="Remove orphaned temporary files (nothing else is changed).")
+@fail_cleanly
+def labels_verify(store, labelset, repair):
+    """Check every shard (readable Parquet, the label row schema, the row count the manifest
+    records), every record and RLE mask, every curation version and the manifests, and list
+    orphaned temporary files. One line per problem; exit status 0 when there are none, 1 otherwise.
+
+    \b
+    Example:
+      distillery labels verify --store store/
+      distillery labels verify --store store/ --labelset coco128-tiny --repair
+    """
+    from distillery.engine.verify import verify_store
+
+    rep = verify_store(store, labelset, repair=repair)
+    for p in rep.removed:
+        click.echo(f"removed {p}")
+    for p in rep.problems:
+        click.echo(p)
+    click.echo(f"checked {rep.labelsets} label set(s), {rep.shards} shard(s), {rep.rows} rows, {rep.masks} masks, "
+               f"{rep.curation_versions} curation version(s): {len(rep.problems) or 'no'} problem(s)")
+    if rep.problems:
+        raise SystemExit(1)
 
 
 @labels.command("rename")
