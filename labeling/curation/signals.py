@@ -158,6 +158,21 @@ def phash(path: str) -> str | None:
         return None
 
 
+def _hash_bits(hashes: list[str]) -> np.ndarray:
+    """16-hex-digit hashes -> bool ``(N, 64)`` bit matrix (most significant bit first)."""
+    raw = np.frombuffer(b"".join(bytes.fromhex(h) for h in hashes), np.uint8).reshape(len(hashes), -1)
+    return np.unpackbits(raw, axis=1).astype(bool)
+
+
+def _radius_model(bits: np.ndarray, max_bits: int):
+    """``sklearn.neighbors.NearestNeighbors`` fitted on ``bits`` whose radius covers ``max_bits``
+    differing bits (Hamming distance is the differing fraction)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors(radius=(max_bits + 0.5) / bits.shape[1], metric="hamming", algorithm="ball_tree")
+    return nn.fit(bits)
+
+
 def near_duplicate_groups(hashes: list[str | None], max_bits: int) -> list[int | None]:
     """Group images whose pHashes differ in at most ``max_bits`` of 64 bits (transitively).
 
@@ -169,19 +184,86 @@ def near_duplicate_groups(hashes: list[str | None], max_bits: int) -> list[int |
         image has no near duplicate or no hash.
     """
     from scipy.sparse.csgraph import connected_components
-    from sklearn.neighbors import NearestNeighbors
 
     idx = [i for i, h in enumerate(hashes) if h]
     out: list[int | None] = [None] * len(hashes)
     if len(idx) < 2:
         return out
-    bits = np.unpackbits(np.array([bytes.fromhex(hashes[i]) for i in idx]).view(np.uint8).reshape(len(idx), -1), axis=1)
-    nn = NearestNeighbors(radius=(max_bits + 0.5) / bits.shape[1], metric="hamming", algorithm="ball_tree")
-    graph = nn.fit(bits.astype(bool)).radius_neighbors_graph(bits.astype(bool), mode="connectivity")
+    bits = _hash_bits([hashes[i] for i in idx])
+    graph = _radius_model(bits, max_bits).radius_neighbors_graph(bits, mode="connectivity")
     _, comp = connected_components(graph, directed=False)
     sizes = np.bincount(comp)
     renum: dict[int, int] = {}
     for i, c in zip(idx, comp):
         if sizes[c] > 1:
             out[i] = renum.setdefault(int(c), len(renum))
+    return out
+
+
+def update_duplicate_groups(hashes: list[str | None], groups: list[int | None], dirty, max_bits: int
+                            ) -> dict[int, int | None]:
+    """Near-duplicate groups after some images arrived (or lost their group), searching
+    neighbours of those images only: the incremental form of :func:`near_duplicate_groups`.
+
+    Args:
+        hashes: pHash per image of the whole collection (16 hex digits, or None: never grouped).
+        groups: current group number per image. Trusted for every image not in ``dirty``: a
+            group must be a connected component of the ``max_bits`` neighbour graph among
+            the non-dirty images, as :func:`near_duplicate_groups` and this function leave it.
+        dirty: indices whose group is unknown: new images, and the remaining members of a
+            group that lost a member (a group can split when a member goes).
+        max_bits: the neighbour radius in differing bits of 64; must be the one ``groups``
+            were made with.
+
+    Returns:
+        ``{index: group or None}`` for exactly the images whose group number changes. After
+        applying it the groups equal ``near_duplicate_groups(hashes, max_bits)`` as a
+        partition; the numbers differ: a group that absorbs existing groups keeps the
+        smallest of their numbers, a group of images that had none takes the next unused
+        number (1 + the largest in use).
+
+    Cost: a ball tree over every hashed image (``O(N log N)``), a radius query for each
+    dirty image, and connected components over ``N`` nodes (``O(N)``, in C); nothing per
+    clean image in Python.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    dirty = set(dirty)
+    out: dict[int, int | None] = {i: None for i in dirty if not hashes[i] and groups[i] is not None}
+    hashed = [i for i, h in enumerate(hashes) if h]
+    query = [i for i in sorted(dirty) if hashes[i]]
+    if not query:
+        return out
+    pos = {i: k for k, i in enumerate(hashed)}
+    bits = _hash_bits([hashes[i] for i in hashed])
+    near = _radius_model(bits, max_bits).radius_neighbors_graph(bits[[pos[i] for i in query]], mode="connectivity")
+    near = near.tocoo()
+    rows = [np.asarray([pos[i] for i in query])[near.row]]
+    cols = [near.col]
+    first: dict[int, int] = {}  # a clean group, as a star around its first member
+    star_r, star_c = [], []
+    for i in hashed:
+        if groups[i] is not None and i not in dirty:
+            star_r.append(pos[i])
+            star_c.append(first.setdefault(groups[i], pos[i]))
+    rows.append(np.asarray(star_r, np.int64))
+    cols.append(np.asarray(star_c, np.int64))
+    r, c = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(len(hashed), len(hashed)))
+    _, comp = connected_components(graph, directed=False)
+    touched = np.unique(comp[[pos[i] for i in query]])
+    next_id = 1 + max((g for i, g in enumerate(groups) if g is not None and i not in dirty), default=-1)
+    members: dict[int, list[int]] = {}
+    for k in np.flatnonzero(np.isin(comp, touched)):
+        members.setdefault(int(comp[k]), []).append(hashed[k])
+    for c in sorted(members, key=lambda c: members[c][0]):
+        idx = members[c]
+        if len(idx) == 1:
+            g = None
+        else:
+            kept = [groups[i] for i in idx if i not in dirty and groups[i] is not None]
+            g = min(kept) if kept else next_id
+            next_id += not kept
+        out.update({i: g for i in idx if groups[i] != g})
     return out
