@@ -52,15 +52,16 @@ def sync(labelset: LabelSet, name: str, cfg: CurationConfig | None = None, with_
 
     The work is proportional to the images written, not to the dataset: samples go in
     through one streaming ``add_samples`` (FiftyOne batches it; the schema is declared up
-    front, :func:`~distillery.labeling.curation.database.declare_schema`), pHashes are
-    computed in background threads while samples are built, new hashes are grouped against
-    the existing near-duplicate groups
+    front by :func:`~distillery.labeling.curation.database.declare_schema`, so FiftyOne does
+    not infer it from every sample), pHashes are computed in a background thread while
+    samples are built, new hashes are grouped against the existing near-duplicate groups
     (:func:`~distillery.labeling.curation.signals.update_duplicate_groups`) and only samples
     whose group changes are written, and saved views are rewritten only when their
-    definition changes. What still reads the whole dataset: one projection of ``filepath``,
-    ``store_row``, ``phash`` and ``dup_group`` to find what is new, and the hash index
-    (a ball tree over every hash). All groups are recomputed when ``near_duplicate_bits``
-    differs from the one the dataset's groups were made with.
+    definition changes. What still reads the whole dataset: one projection of ``id``,
+    ``filepath``, ``store_row``, ``phash`` and ``dup_group`` to find what is new, and the
+    hash index (a ball tree over every hash, in C). All groups are recomputed when
+    ``near_duplicate_bits`` differs from the radius the groups were made with, or when an
+    earlier sync stopped between adding samples and grouping them.
 
     Raises:
         CurationError: the dataset holds another label set, or the database is not the one
