@@ -71,14 +71,14 @@ def record_to_sample(rec: LabelRecord, classes: list[str], cfg: CurationConfig, 
     if img:
         s.tags = list(img["tags"])
     sig = instance_signals(rec, classes, cfg)
-    decoded = mask_utils.decode(rec.masks) if rec.num_instances else None
+    decoded = mask_utils.decode(rec.masks) if rec.num_instances else None  # (H, W, N) uint8
+    totals = mask_utils.area(rec.masks) if rec.num_instances else None  # pixels per mask
     dets = []
     for k in range(rec.num_instances):
         rel = relative_box(rec.boxes[k], W, H)
         x0, y0, x1, y1 = mask_region(rel, W, H)
-        full = decoded[:, :, k].astype(bool)
-        crop = full[y0:y1, x0:x1]
-        total = int(full.sum())
+        crop = decoded[y0:y1, x0:x1, k].astype(bool)
+        total = int(totals[k])
         outside = 0.0 if total == 0 else 1.0 - float(crop.sum()) / total
         teacher_label = classes[int(sig.top[k])]
         d = fo.Detection(

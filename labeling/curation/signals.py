@@ -158,30 +158,116 @@ def phash(path: str) -> str | None:
         return None
 
 
+def _hash_ints(hashes: list[str]) -> np.ndarray:
+    """16-hex-digit hashes -> uint64 ``(N,)``."""
+    return np.array([int(h, 16) for h in hashes], np.uint64).reshape(-1)
+
+
+def _near_pairs(query: np.ndarray, x: np.ndarray, max_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs ``(i, j)`` with ``popcount(query[i] ^ x[j]) <= max_bits`` (Hamming distance
+    of 64-bit hashes, ``numpy.bitwise_count``): exhaustive, in row chunks of at most 4M pairs.
+    ``O(len(query) * len(x))`` operations in C; a tree index does not prune in 64 dimensions
+    (sklearn's ball tree took 0.24 s to build on 10,000 random hashes and 0.10 s to query
+    100; this takes 0.03 s for the same 100)."""
+    rows, cols = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    step = max(1, 4_000_000 // max(1, len(x)))
+    for s in range(0, len(query), step):
+        r, c = np.nonzero(np.bitwise_count(query[s:s + step, None] ^ x[None, :]) <= max_bits)
+        rows.append(r + s)
+        cols.append(c)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
 def near_duplicate_groups(hashes: list[str | None], max_bits: int) -> list[int | None]:
     """Group images whose pHashes differ in at most ``max_bits`` of 64 bits (transitively).
 
-    Neighbours come from ``sklearn.neighbors.NearestNeighbors`` (Hamming metric, ball tree),
-    groups from ``scipy.sparse.csgraph.connected_components``.
+    Neighbours by exhaustive Hamming distance (:func:`_near_pairs`), groups from
+    ``scipy.sparse.csgraph.connected_components``.
 
     Returns:
         per input, a group number (0, 1, ...; in order of first member) or None when the
         image has no near duplicate or no hash.
     """
+    from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
-    from sklearn.neighbors import NearestNeighbors
 
     idx = [i for i, h in enumerate(hashes) if h]
     out: list[int | None] = [None] * len(hashes)
     if len(idx) < 2:
         return out
-    bits = np.unpackbits(np.array([bytes.fromhex(hashes[i]) for i in idx]).view(np.uint8).reshape(len(idx), -1), axis=1)
-    nn = NearestNeighbors(radius=(max_bits + 0.5) / bits.shape[1], metric="hamming", algorithm="ball_tree")
-    graph = nn.fit(bits.astype(bool)).radius_neighbors_graph(bits.astype(bool), mode="connectivity")
+    x = _hash_ints([hashes[i] for i in idx])
+    r, c = _near_pairs(x, x, max_bits)
+    graph = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(len(idx), len(idx)))
     _, comp = connected_components(graph, directed=False)
     sizes = np.bincount(comp)
     renum: dict[int, int] = {}
     for i, c in zip(idx, comp):
         if sizes[c] > 1:
             out[i] = renum.setdefault(int(c), len(renum))
+    return out
+
+
+def update_duplicate_groups(hashes: list[str | None], groups: list[int | None], dirty, max_bits: int
+                            ) -> dict[int, int | None]:
+    """Near-duplicate groups after some images arrived (or lost their group), searching
+    neighbours of those images only: the incremental form of :func:`near_duplicate_groups`.
+
+    Args:
+        hashes: pHash per image of the whole collection (16 hex digits, or None: never grouped).
+        groups: current group number per image. Trusted for every image not in ``dirty``: a
+            group must be a connected component of the ``max_bits`` neighbour graph among
+            the non-dirty images, as :func:`near_duplicate_groups` and this function leave it.
+        dirty: indices whose group is unknown: new images, and the remaining members of a
+            group that lost a member (a group can split when a member goes).
+        max_bits: the neighbour radius in differing bits of 64; must be the one ``groups``
+            were made with.
+
+    Returns:
+        ``{index: group or None}`` for exactly the images whose group number changes. After
+        applying it the groups equal ``near_duplicate_groups(hashes, max_bits)`` as a
+        partition; the numbers differ: a group that absorbs existing groups keeps the
+        smallest of their numbers, a group of images that had none takes the next unused
+        number (1 + the largest in use).
+
+    Cost: Hamming distances from each dirty image to every hashed one (``D * N`` in C:
+    0.03 s for 100 new among 10,000 here), connected components over ``N`` nodes, and
+    light ``O(N)`` Python passes to build the arrays.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    dirty = set(dirty)
+    out: dict[int, int | None] = {i: None for i in dirty if not hashes[i] and groups[i] is not None}
+    hashed = [i for i, h in enumerate(hashes) if h]
+    query = [i for i in sorted(dirty) if hashes[i]]
+    if not query:
+        return out
+    pos = {i: k for k, i in enumerate(hashed)}
+    x = _hash_ints([hashes[i] for i in hashed])
+    qpos = np.array([pos[i] for i in query], np.int64)
+    r, c = _near_pairs(x[qpos], x, max_bits)
+    first: dict[int, int] = {}  # a clean group, as a star around its first member
+    star_r, star_c = [], []
+    for i in hashed:
+        if groups[i] is not None and i not in dirty:
+            star_r.append(pos[i])
+            star_c.append(first.setdefault(groups[i], pos[i]))
+    r = np.concatenate([qpos[r], np.asarray(star_r, np.int64)])
+    c = np.concatenate([c, np.asarray(star_c, np.int64)])
+    graph = coo_matrix((np.ones(len(r), np.int8), (r, c)), shape=(len(hashed), len(hashed)))
+    _, comp = connected_components(graph, directed=False)
+    touched = np.unique(comp[qpos])
+    next_id = 1 + max((g for i, g in enumerate(groups) if g is not None and i not in dirty), default=-1)
+    members: dict[int, list[int]] = {}
+    for k in np.flatnonzero(np.isin(comp, touched)):
+        members.setdefault(int(comp[k]), []).append(hashed[k])
+    for c in sorted(members, key=lambda c: members[c][0]):
+        idx = members[c]
+        if len(idx) == 1:
+            g = None
+        else:
+            kept = [groups[i] for i in idx if i not in dirty and groups[i] is not None]
+            g = min(kept) if kept else next_id
+            next_id += not kept
+        out.update({i: g for i in idx if groups[i] != g})
     return out

@@ -8,7 +8,12 @@ from distillery.labeling.curation.database import FIELD
 
 
 def save_views(ds, cfg: CurationConfig) -> list[str]:
-    """(Re)create the review saved views on ``ds`` with ``cfg``'s thresholds; returns their names.
+    """Create or update the review saved views on ``ds`` with ``cfg``'s thresholds; returns
+    their names.
+
+    A FiftyOne saved view stores its stages (filters on fields), not sample ids, so adding
+    samples never calls for re-saving one: a view is written only when it is missing or its
+    stored stages differ from the definition below (other thresholds, or edited in the App).
 
     ``review-queue``: undecided instances, images by their highest priority, highest first.
     ``band-confident`` / ``band-uncertain`` / ``band-below``: instances per score band (per-class
@@ -40,6 +45,8 @@ def save_views(ds, cfg: CurationConfig) -> list[str]:
         "conflicting-decisions": ds.filter_labels(
             FIELD, F("tags").filter(F().is_in(list(DECISIONS))).unique().length() > 1),
     }
+    saved = set(ds.list_saved_views())
     for name, view in views.items():
-        ds.save_view(name, view, overwrite=True)
+        if name not in saved or ds.load_saved_view(name) != view:  # `==` compares stages, FiftyOne's own test
+            ds.save_view(name, view, overwrite=True)
     return list(views)
