@@ -50,7 +50,7 @@ def _sam(preset, cls=None):
 
     s, p = preset.segmenter, preset
     return (cls or SamTeacher)(s.model_type, s.checkpoint, device=p.device, precision=p.precision,
-                      boxes_per_call=s.boxes_per_call)
+                               boxes_per_call=s.boxes_per_call, min_region_area=s.min_region_area)
 
 
 DETECTORS["grounding-dino"] = _grounding_dino

@@ -10,7 +10,10 @@ Steps, as separate methods:
   boxes, returning SAM's raw low-resolution mask logits ``(N, 1, 256, 256)`` and predicted IoU
   ``(N, 1)`` (``SamPredictor.predict_torch`` with ``multimask_output=False``);
 * :meth:`SamTeacher.postprocess` -- ``Sam.postprocess_masks`` (upsample, crop the
-  padding, resize to the original frame) and threshold at ``mask_threshold`` (SAM: 0.0).
+  padding, resize to the original frame) and threshold at ``mask_threshold`` (SAM: 0.0);
+* :func:`remove_small_regions` -- SAM's own clean-up of specks and pinholes
+  (``segment_anything.utils.amg.remove_small_regions``: holes, then islands, smaller than
+  ``min_region_area`` px), as its automatic mask generator does with ``min_mask_region_area``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,15 @@ import torch
 from pycocotools import mask as mask_utils
 
 from distillery.labeling.detector import DTYPES, resolve_device
+
+#: Default ``min_region_area`` (px): islands and holes smaller than this are removed.
+#: segment-anything's ``SamAutomaticMaskGenerator`` has the same clean-up
+#: (``min_mask_region_area``), off (0) by default; its example notebook
+#: (``notebooks/automatic_mask_generator_example.ipynb``) turns it on with 100, the value taken
+#: here: 0.03% of a 640x480 photo, a 10x10 px speck, far below the COCO "small" object area
+#: (32**2 = 1024 px), so no object COCO evaluates is removed whole (an instance with only small
+#: parts keeps its largest, as SAM does).
+MIN_REGION_AREA = 100
 
 
 def build_sam_vit_tiny(checkpoint: str | None = None):
@@ -108,6 +120,8 @@ class SamTeacher:
         precision: ``"fp32"``, ``"fp16"``, ``"bf16"`` (autocast, GPU only).
         boxes_per_call: boxes decoded per mask-decoder call (memory: each box holds a copy
             of the 256x64x64 image embedding).
+        min_region_area: px; islands and holes smaller than this are removed from every mask
+            (:func:`remove_small_regions`; default :data:`MIN_REGION_AREA`, 0 turns it off).
     """
 
     def __init__(
@@ -118,6 +132,7 @@ class SamTeacher:
         device: str = "auto",
         precision: str = "fp32",
         boxes_per_call: int = 32,
+        min_region_area: int = MIN_REGION_AREA,
     ) -> None:
         from segment_anything import SamPredictor
 
@@ -127,6 +142,9 @@ class SamTeacher:
         self.dtype = DTYPES[precision] if self.device.type == "cuda" else torch.float32
         self.boxes_per_call = int(boxes_per_call)
         self.mask_threshold = float(self.sam.mask_threshold)
+        if int(min_region_area) < 0:
+            raise ValueError(f"min_region_area must be >= 0 px, got {min_region_area}")
+        self.min_region_area = int(min_region_area)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -185,8 +203,9 @@ class SamTeacher:
         """Masks for ``boxes`` (float32 ``(N, 4)`` xyxy pixels) on RGB uint8 ``image`` ``(H, W, 3)``.
 
         Returns:
-            ``N`` compressed COCO RLE dicts (``size == [H, W]``, ``counts`` bytes) and
-            float32 ``(N,)`` SAM-predicted IoU clipped to [0, 1]. No boxes, no encoder run.
+            ``N`` compressed COCO RLE dicts (``size == [H, W]``, ``counts`` bytes), cleaned by
+            :func:`remove_small_regions` at ``min_region_area``, and float32 ``(N,)``
+            SAM-predicted IoU (of the raw mask) clipped to [0, 1]. No boxes, no encoder run.
         """
         n = len(boxes)
         if n == 0:
@@ -196,10 +215,47 @@ class SamTeacher:
         for s in range(0, n, self.boxes_per_call):
             low_res, iou = self.decode(self.input_boxes(boxes[s : s + self.boxes_per_call]))
             masks = self.postprocess(low_res)
+            if self.min_region_area > 0:
+                masks = np.stack([remove_small_regions(m, self.min_region_area) for m in masks])
             rles.extend(encode_masks(masks))
             ious.append(iou[:, 0].numpy())
         self.predictor.reset_image()
         return rles, np.clip(np.concatenate(ious), 0.0, 1.0).astype(np.float32)
+
+
+def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:
+    """SAM's clean-up of one mask: holes, then islands, of fewer than ``min_area`` px removed
+    (``segment_anything.utils.amg.remove_small_regions``, 8-connectivity, in the order of
+    ``SamAutomaticMaskGenerator.postprocess_small_regions``); a mask whose islands are all small
+    keeps its largest one.
+
+    The library labels components over the whole frame; here it runs on the mask's bounding box
+    grown by ``min_area`` px on every side (clipped to the frame), which gives the same result
+    at a cost set by the mask, not the frame: every pixel outside the box is background, so a
+    background region that leaves the grown box is connected exactly as in the full frame, and
+    its part inside crosses the ``min_area`` px margin, so it is small in neither frame
+    (checked against the library on the full frame in ``tests/labeling/test_segmenter_cleanup.py``).
+
+    Args:
+        mask: bool ``(H, W)``.
+        min_area: px, ``>= 1``.
+
+    Returns:
+        bool ``(H, W)``, a new array (``mask`` is not modified).
+    """
+    from segment_anything.utils.amg import remove_small_regions as sam_remove_small_regions
+
+    mask = np.asarray(mask, bool)
+    ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+    if not len(ys):
+        return mask.copy()
+    y0, y1 = max(ys[0] - min_area, 0), min(ys[-1] + 1 + min_area, mask.shape[0])
+    x0, x1 = max(xs[0] - min_area, 0), min(xs[-1] + 1 + min_area, mask.shape[1])
+    crop, _ = sam_remove_small_regions(mask[y0:y1, x0:x1], min_area, "holes")
+    crop, _ = sam_remove_small_regions(crop, min_area, "islands")
+    out = np.zeros_like(mask)
+    out[y0:y1, x0:x1] = crop
+    return out
 
 
 def encode_masks(masks: np.ndarray) -> list[dict]:

@@ -20,6 +20,7 @@ A preset names the two teachers and their settings::
       model_type: vit_b
       checkpoint: ~/models/sam_vit_b_01ec64.pth
       boxes_per_call: 32
+      min_region_area: 100          # px: SAM's clean-up of smaller islands and holes (0: off)
       batch_size: 4
       actors: 1
     teacher: null                   # or {kind: sam3, model: ..., box_floor, nms_iou, merge,
@@ -48,7 +49,7 @@ from distillery.engine.schema import StrictConfig, validate_config
 from distillery.engine.job import DECODED_SCHEMA, StageSpec, as_table, image_of
 from distillery.engine.record import LabelRecord, rows_to_table
 from distillery.labeling.ontology import Ontology
-from distillery.labeling.segmenter import SAM_MODEL_TYPES
+from distillery.labeling.segmenter import MIN_REGION_AREA, SAM_MODEL_TYPES
 
 #: Decoded columns plus the detector's boxes (float32 N*4, xyxy px) and scores (float32 N*C).
 DETECTED_SCHEMA = DECODED_SCHEMA.append(pa.field("boxes", pa.list_(pa.float32()))).append(
@@ -144,6 +145,7 @@ class SegmenterConfig(StrictConfig):
     model_type: Literal[SAM_MODEL_TYPES] = "vit_b"
     checkpoint: str | None = None
     boxes_per_call: PositiveInt = 32
+    min_region_area: Annotated[int, Field(ge=0)] = MIN_REGION_AREA  # px (labeling.segmenter.remove_small_regions)
     batch_size: PositiveInt = 4
     actors: PositiveInt = 1
 
@@ -404,7 +406,7 @@ def labelset_spec(ontology: Ontology, preset: TeacherPreset) -> dict:
             "segmenter_input": "ResizeLongestSide(1024)",
         },
         "thresholds": {"box_floor": d.box_floor, "nms_iou": d.nms_iou, "max_detections": d.max_detections,
-                       "mask_threshold": 0.0, "merge": d.merge},
+                       "mask_threshold": 0.0, "merge": d.merge, "min_region_area": s.min_region_area},
     }
 
 

@@ -10,8 +10,9 @@ Images are hard-linked or copied, never symlinked: ultralytics finds labels by r
 ``/images/`` to ``/labels/`` in the *resolved* image path, so a symlink loses its labels.
 A YOLO polygon holds one outline: every part and hole of a mask is joined into one
 "keyhole" polygon by :func:`distillery.engine.polygons.mask_to_polygon`, the conversion the
-student's training data uses too (pycocotools rasterises it back to the mask exactly). The
-class of an instance is its argmax soft score.
+student's training data uses too, simplified to within 0.5 px of the exact outline (coco128 GT
+masks of >= 1000 px rasterised back by pycocotools: mean IoU 0.9967). Each instance is
+converted once per export. The class of an instance is its argmax soft score.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def record_to_yolo_lines(rec: LabelRecord, min_score: float = 0.0) -> list[str]:
     """YOLO-seg label lines (``class x1 y1 ... xn yn``, coordinates normalised to [0, 1]).
 
     Polygons come from :func:`distillery.engine.polygons.mask_to_polygon` (continuous pixel
-    coordinates, divided by the image width/height); an empty mask is written as its box: no
-    instance is dropped.
+    coordinates at its default tolerance, divided by the image width/height); an empty mask is
+    written as its box: no instance is dropped.
     """
     lines = []
     for k in range(rec.num_instances):

@@ -6,10 +6,13 @@ per-class thresholds, once, in memory (Parquet columns; seconds for 100k images)
 :class:`StoreSegDataset` subclasses ultralytics' ``YOLODataset``: the images are read in place
 from the paths in the store, labels come from the table, so ultralytics' rule of finding
 label files by rewriting ``/images/`` in the resolved path never applies and cannot lose a
-label. Masks travel as store RLE and become polygons only when an image is loaded, by
-:func:`distillery.engine.polygons.mask_to_polygon` (the YOLO-seg export's conversion too): every
-outline *and hole* is kept, joined into one "keyhole" polygon (zero-width bridges), which
-``cv2.fillPoly`` in ultralytics' ``polygon2mask`` fills back with holes open and all parts present.
+label. Masks travel as store RLE and become polygons once per run, when the dataset is built
+(:meth:`StoreSegDataset.get_labels`, before the dataloader's workers start), never per sample or
+epoch: by :func:`distillery.engine.polygons.mask_to_polygon` (the YOLO-seg export's conversion
+too, at its 0.5 px Douglas-Peucker tolerance): every outline *and hole* is kept, joined into one
+"keyhole" polygon (zero-width bridges), which ``cv2.fillPoly`` in ultralytics' ``polygon2mask``
+fills back with holes open and all parts present. The polygons stay in memory with the labels,
+as ultralytics keeps the segments of its label files (float32, 8 bytes per vertex).
 
 Training instances carry their global row id in ``cls`` through ultralytics' augmentations
 (every transform filters ``cls`` with the instances); the trainer maps rows to the hard
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from multiprocessing.pool import ThreadPool
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -274,6 +278,8 @@ class StoreSegDataset(YOLODataset):
         return [p for p, _, _ in self.table.images[self.split]]
 
     def get_labels(self) -> list[dict]:
+        """One ultralytics label dict per image of the split, with its instances' polygons
+        (:meth:`segments`) converted here, once, for the whole run."""
         t = self.table
         labels = []
         for path, (h, w), rows in t.images[self.split]:
@@ -285,30 +291,40 @@ class StoreSegDataset(YOLODataset):
             cls = rows.astype(np.float64) if self.split == "train" else t.hard[rows].astype(np.float32)
             labels.append({
                 "im_file": path, "shape": (h, w), "cls": cls.reshape(-1, 1), "bboxes": xywh,
-                "rows": rows, "store_shape": (h, w), "segments": [], "keypoints": None, "normalized": True, "bbox_format": "xywh",
+                "store_shape": (h, w), "segments": [], "keypoints": None, "normalized": True, "bbox_format": "xywh",
             })
+        todo = [(i, r) for i, (_, _, rows) in enumerate(t.images[self.split]) for r in rows]
+        if todo:
+            from ultralytics.utils import NUM_THREADS, TQDM
+
+            segs = {}
+            with ThreadPool(NUM_THREADS) as pool:  # cv2 and pycocotools release the GIL for most of the work
+                it = pool.imap(lambda ir: (ir, self.segment(ir[1])), todo, chunksize=8)
+                for (i, r), seg in TQDM(it, total=len(todo), desc=f"{self.prefix}masks to polygons (once per run)"):
+                    segs[i, r] = seg
+            for i, (_, (h, w), rows) in enumerate(t.images[self.split]):
+                labels[i]["segments"] = [segs[i, r] / np.array([w, h], np.float32) for r in rows]
         return labels
 
-    def update_labels_info(self, label: dict) -> dict:
-        """Decode each row's RLE and turn it into a keyhole polygon (normalised), or the box
-        outline for an ignore region, then let ultralytics build its ``Instances``."""
+    def segment(self, row: int) -> np.ndarray:
+        """float32 ``(K, 2)`` polygon, ``(x, y)`` absolute pixels, of a table row: its mask's
+        keyhole polygon (:func:`distillery.engine.polygons.mask_to_polygon`), or its box
+        outline for an ignore region or an empty mask."""
         t = self.table
+        if t.ignore[row]:
+            return _box_polygon(t.boxes[row])
+        seg = mask_to_polygon(mask_utils.decode(t.masks[row]))
+        return seg if len(seg) else _box_polygon(t.boxes[row])
+
+    def update_labels_info(self, label: dict) -> dict:
+        """Check the decoded image still has the labeled size, then let ultralytics build its
+        ``Instances`` from the polygons :meth:`get_labels` made."""
         h, w = label.pop("store_shape")
         if tuple(label["ori_shape"]) != (h, w):
             raise ValueError(
                 f"{label['im_file']}: decoded as {label['ori_shape'][1]}x{label['ori_shape'][0]} but labeled as {w}x{h} "
                 "(file changed since labeling, or EXIF orientation read differently); relabel it"
             )
-        segs = []
-        for r in label.pop("rows"):
-            if t.ignore[r]:
-                seg = _box_polygon(t.boxes[r])
-            else:
-                seg = mask_to_polygon(mask_utils.decode(t.masks[r]))
-                if not len(seg):
-                    seg = _box_polygon(t.boxes[r])
-            segs.append(seg / np.array([w, h], np.float32))
-        label["segments"] = segs
         return super().update_labels_info(label)
 
     def build_transforms(self, hyp):

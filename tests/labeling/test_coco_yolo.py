@@ -83,7 +83,8 @@ def test_yolo_seg_export_round_trips_masks(imported, coco128, coco128_gt, tmp_pa
     """coco128 GT -> YOLO-seg label files -> polygons rasterised by pycocotools -> IoU with the
     GT masks (masks of >= 1000 px). Outer outlines through pixel centres (the export before
     distillery.engine.polygons) measured mean 0.9639, min 0.8591 over these 518 masks; the
-    shared conversion keeps holes and parts on pixel boundaries and measures 1.0000 / 1.0000."""
+    shared conversion keeps holes and parts on pixel boundaries, exact it measured 1.0000 /
+    1.0000, simplified to within 0.5 px (the default, 2.6x fewer vertices) 0.9967 / 0.9741."""
     ls, _ = imported
     counts = export_yolo_seg(ls, tmp_path / "yolo", val_fraction=0.2)
     data = yaml.safe_load((tmp_path / "yolo" / "data.yaml").read_text())
@@ -115,7 +116,7 @@ def test_yolo_seg_export_round_trips_masks(imported, coco128, coco128_gt, tmp_pa
     ious = np.array(ious)
     print(f"\nYOLO-seg export vs GT, {len(ious)} masks >= 1000 px: mean IoU {ious.mean():.4f}, min {ious.min():.4f}")
     assert len(ious) == 518
-    assert ious.mean() >= 0.999 and ious.min() >= 0.99, (ious.mean(), ious.min())
+    assert ious.mean() >= 0.995 and ious.min() >= 0.97, (ious.mean(), ious.min())
 
 
 def test_bad_coco(tmp_path):

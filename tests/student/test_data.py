@@ -123,11 +123,11 @@ def test_split_is_deterministic_by_image_id(store):
     assert a.images["val"][0][0] == (rec0, rec1)[int(np.argmin(h))].path
 
 
-def _dataset(table, split="train", imgsz=W, mask_ratio=1, overlap=False):
+def _dataset(table, split="train", imgsz=W, mask_ratio=1, overlap=False, augment=False):
     from ultralytics.cfg import get_cfg
 
     hyp = get_cfg(overrides={"mask_ratio": mask_ratio, "overlap_mask": overlap})
-    return StoreSegDataset(img_path="", imgsz=imgsz, augment=False, hyp=hyp, rect=False, batch_size=2,
+    return StoreSegDataset(img_path="", imgsz=imgsz, augment=augment, hyp=hyp, rect=False, batch_size=2,
                            data={"names": dict(enumerate(table.names)), "nc": len(table.names), "channels": 3},
                            task="segment", table=table, split=split, pad=0.0)
 
@@ -203,3 +203,35 @@ def test_symlinked_image_folder_keeps_every_label(store, tmp_path):
     ds = _dataset(t)
     assert sum(len(lb["cls"]) for lb in ds.labels) == 7
     assert sum(len(ds[i]["cls"]) for i in range(len(ds))) == 7
+
+
+def test_each_instance_is_converted_once_per_run_not_per_epoch(store, monkeypatch):
+    """Masks become polygons when the dataset is built: two passes over the data (two epochs,
+    with augmentation) call the conversion once per real instance, and the training targets are
+    the polygons of those masks (box outlines for ignore regions)."""
+    import distillery.student.data as data
+    from distillery.engine.polygons import mask_to_polygon
+
+    calls = []
+
+    def counting(mask, *a, **k):
+        calls.append(int(mask.sum()))
+        return mask_to_polygon(mask, *a, **k)
+
+    monkeypatch.setattr(data, "mask_to_polygon", counting)
+    _, ls, _, _ = store
+    t = build_table(ls, Selection(min_score=0.5, ignore_min_score=0.15, val_fraction=0.0, curation=0))
+    real = [r for _, _, rows in t.images["train"] for r in rows if not t.ignore[r]]
+    assert len(real) == 5 and t.ignore.sum() == 1  # ring, two-part, three of the five small ones; one ignore region
+    ds = _dataset(t, augment=True)  # ultralytics' training augmentations (mosaic, random affine, flips...)
+    assert sorted(calls) == sorted(int(mask_utils.area(t.masks[r])) for r in real)  # each real row, once
+    for lb, (_, (h, w), rows) in zip(ds.labels, t.images["train"]):
+        for seg, r in zip(lb["segments"], rows):
+            want = (np.array([[t.boxes[r][i], t.boxes[r][j]] for i, j in ((0, 1), (2, 1), (2, 3), (0, 3))])
+                    if t.ignore[r] else mask_to_polygon(mask_utils.decode(t.masks[r])))
+            np.testing.assert_allclose(seg * [w, h], want, atol=1e-3)
+    for _epoch in range(2):
+        for i in range(len(ds)):
+            rows = ds[i]["cls"].view(-1).long().tolist()  # a mosaic: instances of several images
+            assert set(rows) <= set(range(len(t.hard)))
+    assert len(calls) == len(real)
