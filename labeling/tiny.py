@@ -240,7 +240,8 @@ def owlv2_config(tokenizer, size: str = "tiny"):
 
 def write_tiny_owlv2(out: Path, seed: int = 0, size: str = "tiny") -> Path:
     """Save a random ``Owlv2ForObjectDetection`` + ``Owlv2Processor`` (``Owlv2ImageProcessor`` at the
-    config's square input size, :func:`tiny_clip_tokenizer`) to ``out``. ``full`` keeps the
+    config's square input size, :func:`tiny_clip_tokenizer`) to ``out``; the box head's last layer
+    is scaled by 0.01 (its bias zeroed) so boxes are patch-sized, not degenerate. ``full`` keeps the
     tiny tokenizer (the text tower is OWLv2 B/16's, its vocabulary smaller)."""
     import torch
     from transformers import Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
@@ -251,6 +252,11 @@ def write_tiny_owlv2(out: Path, seed: int = 0, size: str = "tiny") -> Path:
     if size == "full":
         config.text_config.vocab_size = len(tokenizer)
     model = Owlv2ForObjectDetection(config).eval()
+    with torch.no_grad():
+        # random box-head outputs are large: sigmoid(box_bias + out) saturates to zero-area boxes that
+        # clipping drops. Scaled down, boxes are OWLv2's patch-grid prior (box_bias) plus noise.
+        model.box_head.dense2.weight.mul_(0.01)
+        model.box_head.dense2.bias.zero_()
     side = config.vision_config.image_size
     processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": side, "width": side}),
                                tokenizer=tokenizer)
