@@ -33,6 +33,21 @@ from distillery.labeling.detector import DTYPES, MERGE_MODES, Detections, merge_
 from distillery.labeling.ontology import Ontology, OntologyError
 
 
+#: text queries per class-head call (``Owlv2Teacher(queries_per_call=...)``'s default)
+QUERIES_PER_CALL = 64
+
+
+def check_prompts(ontology: Ontology, tokenizer, limit: int) -> None:
+    """Raise :class:`~distillery.labeling.ontology.OntologyError` naming the first prompt longer than
+    ``limit`` tokens (start/end tokens included; ``text_config.max_position_embeddings``, 16 for
+    the released OWLv2 checkpoints), which the text tower cannot embed."""
+    for p in ontology.prompts:
+        n = len(tokenizer(p)["input_ids"])
+        if n > limit:
+            raise OntologyError(f"prompt {p!r} is {n} tokens with the start/end tokens; OWLv2's text encoder "
+                                f"takes at most {limit}: shorten it")
+
+
 class Owlv2Teacher:
     """OWLv2 boxes with a soft score per ontology class.
 
@@ -74,7 +89,7 @@ class Owlv2Teacher:
         max_detections: int = 300,
         merge: str = "agnostic",
         adapter: str | None = None,
-        queries_per_call: int = 64,
+        queries_per_call: int = QUERIES_PER_CALL,
     ) -> None:
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
@@ -112,11 +127,7 @@ class Owlv2Teacher:
         ``Owlv2ForObjectDetection`` hands them to the class head."""
         limit = int(self.model.config.text_config.max_position_embeddings)
         tok = self.processor.tokenizer
-        for p in self.ontology.prompts:
-            n = len(tok(p)["input_ids"])
-            if n > limit:
-                raise OntologyError(f"prompt {p!r} is {n} tokens with the start/end tokens; OWLv2's text encoder "
-                                    f"takes at most {limit}: shorten it")
+        check_prompts(self.ontology, tok, limit)
         text = tok(list(self.ontology.prompts), padding="max_length", max_length=limit, return_tensors="pt")
         out = self.model.owlv2.get_text_features(input_ids=text["input_ids"].to(self.device),
                                                  attention_mask=text["attention_mask"].to(self.device))

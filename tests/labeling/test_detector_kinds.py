@@ -131,7 +131,7 @@ def test_owlv2_processor_pads_bottom_right_to_a_square(kind_presets, coco128):
     assert (px[:, :, -3:] - pad).abs().max() > 0.1  # full width: no pad on the right
 
 
-def test_owlv2_refuses_settings_it_cannot_honour(kind_presets):
+def test_owlv2_refuses_settings_it_cannot_honour(kind_presets, coco128, tmp_path):
     model = TeacherPreset.load(kind_presets["owlv2"]).detector.model
     onto = Ontology.from_classes(["cat"])
     with pytest.raises(ValueError, match="image_size does not apply to kind owlv2"):
@@ -141,6 +141,12 @@ def test_owlv2_refuses_settings_it_cannot_honour(kind_presets):
     with pytest.raises(OntologyError, match="at most 16: shorten it"):
         Owlv2Teacher(model, Ontology.from_classes(["a very long prompt that will not fit sixteen tokens"]),
                      device="cpu")
+    # `distillery label` says so before any label set exists
+    out = CliRunner().invoke(main, ["label", str(coco128 / "images" / "000000000009.jpg"), "--classes",
+                                    "a very long prompt that will not fit sixteen tokens", "--store",
+                                    str(tmp_path / "s"), "--teachers", str(kind_presets["owlv2"]), "--quiet"])
+    assert out.exit_code == 1 and "is 31 tokens with the start/end tokens" in out.output, out.output
+    assert "Traceback" not in out.output and not (tmp_path / "s").exists()
 
 
 def test_mm_grounding_dino_reuses_image_features_across_chunks(kind_presets, coco128):
