@@ -222,7 +222,7 @@ def tiny_clip_tokenizer(max_length: int = 16):
 
 def owlv2_config(tokenizer, size: str = "tiny"):
     """``Owlv2Config``: ``full`` its defaults (OWLv2 B/16, 960x960 input, the architecture of
-    ``google/owlv2-base-patch16-ensemble``); ``tiny`` width-32 one-layer text and vision
+    ``google/owlv2-base-patch16-ensemble``) but ``tokenizer``'s vocabulary; ``tiny`` width-32 one-layer text and vision
     transformers, a 160x160 input in 16-pixel patches (100 patch queries), 16 text positions
     (OWLv2's own), and ``tokenizer``'s vocabulary and special ids."""
     from transformers import Owlv2Config
@@ -230,7 +230,7 @@ def owlv2_config(tokenizer, size: str = "tiny"):
     ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     if size == "full":
-        return Owlv2Config()
+        return Owlv2Config(text_config=ids, vision_config={"image_size": 960})  # the released B/16 input
     text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
             "max_position_embeddings": 16, **ids}
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -242,15 +242,13 @@ def write_tiny_owlv2(out: Path, seed: int = 0, size: str = "tiny") -> Path:
     """Save a random ``Owlv2ForObjectDetection`` + ``Owlv2Processor`` (``Owlv2ImageProcessor`` at the
     config's square input size, :func:`tiny_clip_tokenizer`) to ``out``; the box head's last layer
     is scaled by 0.01 (its bias zeroed) so boxes are patch-sized, not degenerate. ``full`` keeps the
-    tiny tokenizer (the text tower is OWLv2 B/16's, its vocabulary smaller)."""
+    tiny tokenizer (the text tower is OWLv2 B/16's, its embedding table smaller)."""
     import torch
     from transformers import Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer()
     config = owlv2_config(tokenizer, size)
-    if size == "full":
-        config.text_config.vocab_size = len(tokenizer)
     model = Owlv2ForObjectDetection(config).eval()
     with torch.no_grad():
         # random box-head outputs are large: sigmoid(box_bias + out) saturates to zero-area boxes that
