@@ -11,6 +11,10 @@
   :func:`distillery.labeling.segmenter.build_sam_vit_tiny`);
 * ``teachers.yaml`` -- a preset pointing at both (relative paths).
 
+``add_tiny_detector(preset, kind)`` (``distillery teachers tiny --kind``) swaps the detector for a
+tiny ``MMGroundingDinoForObjectDetection`` (``mm-grounding-dino/``) or ``Owlv2ForObjectDetection``
+(``owlv2/``, with a made-up CLIP BPE vocabulary: :func:`tiny_clip_tokenizer`).
+
 Their weights are random: the labels they produce are meaningless. They exist so that
 the whole pipeline runs without network or real weights.
 """

@@ -166,7 +166,6 @@ def test_mm_grounding_dino_reuses_image_features_across_chunks(kind_presets, coc
 def test_mm_grounding_dino_loads_a_lora_adapter(kind_presets, tmp_path):
     """A peft adapter (the fine-tuning code's LoRA targets) loads onto MM-Grounding-DINO and is merged:
     each targeted weight becomes W + (alpha / r) B A (Hu et al. 2021, eq. 3)."""
-    from peft import PeftModel  # noqa: F401 (the adapter format)
     from transformers import MMGroundingDinoForObjectDetection
 
     from distillery.labeling.finetune.detector import make_trainable
