@@ -313,8 +313,12 @@ def teachers() -> None:
 @click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True,
               help="tiny: width-32 models, seconds per image on a CPU; full: the real architectures "
                    "(Grounding DINO-T, SAM ViT-B, ~1 GB on disk) at random weights, for benchmarks.")
-def teachers_tiny(out_dir, seed, size):
-    """Write RANDOM-WEIGHT Grounding DINO and SAM teachers plus a preset to OUT_DIR.
+@click.option("--kind", "kinds", multiple=True, metavar="KIND",
+              type=click.Choice(["grounding-dino", "mm-grounding-dino", "owlv2"]),
+              help="Detector kind (detector.kind of the preset; default grounding-dino): grounding-dino, "
+                   "mm-grounding-dino or owlv2.")
+def teachers_tiny(out_dir, seed, size, kinds=()):
+    """Write RANDOM-WEIGHT detector (Grounding DINO, or --kind) and SAM teachers plus a preset to OUT_DIR.
 
     Their labels are meaningless; they let the whole pipeline run offline (tiny), or measure
     what the real architectures cost (full).
@@ -322,14 +326,21 @@ def teachers_tiny(out_dir, seed, size):
     \b
     Example:
       distillery teachers tiny teachers/ && distillery label imgs/ --classes cat --store s/ --teachers teachers/teachers.yaml
+      distillery teachers tiny owl/ --kind owlv2
     """
-    from distillery.labeling.tiny import write_tiny_teachers
+    from distillery.labeling.tiny import TINY_DETECTOR_KINDS, add_tiny_detector, write_tiny_teachers
 
+    detector_kinds = [k for k in kinds if k in TINY_DETECTOR_KINDS or k == "grounding-dino"]
+    if len(detector_kinds) > 1:
+        raise UserError(f"--kind: give at most one detector kind, got {', '.join(detector_kinds)}")
     try:
         path = write_tiny_teachers(out_dir, seed, size=size)
+        if detector_kinds and detector_kinds[0] in TINY_DETECTOR_KINDS:
+            add_tiny_detector(path, detector_kinds[0], seed, size=size)
     except OSError as e:
         raise UserError(f"cannot write {out_dir}: {e.strerror or e}; choose a writable folder") from e
-    click.echo(f"wrote {size} random teachers and preset {path}")
+    detector = detector_kinds[0] if detector_kinds else "grounding-dino"
+    click.echo(f"wrote {size} random teachers ({detector} detector) and preset {path}")
 
 
 @teachers.command("eval")

@@ -191,13 +191,18 @@ class GroundingDinoTeacher:
         self.image_size = dict(image_size) if image_size else None
         self.max_detections = int(max_detections)
 
+    #: the transformers model class ``load`` builds (a subclass names another of the same
+    #: architecture, e.g. :class:`distillery.labeling.mm_grounding_dino.MMGroundingDinoTeacher`)
+    model_class = "GroundingDinoForObjectDetection"
+
     def load(self, model: str, revision: str | None, adapter: str | None):
-        """``(processor, GroundingDinoForObjectDetection)`` from ``model``; with ``adapter``, the
+        """``(processor, model_class)`` from ``model``; with ``adapter``, the
         LoRA adapter merged into the weights (peft ``merge_and_unload``)."""
-        from transformers import AutoProcessor, GroundingDinoForObjectDetection
+        import transformers
+        from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(model, revision=revision)
-        net = GroundingDinoForObjectDetection.from_pretrained(model, revision=revision)
+        net = getattr(transformers, self.model_class).from_pretrained(model, revision=revision)
         if adapter is not None:
             from peft import PeftModel
 

@@ -53,7 +53,24 @@ def _sam(preset, cls=None):
                                boxes_per_call=s.boxes_per_call, min_region_area=s.min_region_area)
 
 
+def _mm_grounding_dino(preset, ontology, cls=None):
+    from distillery.labeling.mm_grounding_dino import MMGroundingDinoTeacher
+
+    return _grounding_dino(preset, ontology, cls=cls or MMGroundingDinoTeacher)
+
+
+def _owlv2(preset, ontology, cls=None):
+    from distillery.labeling.owlv2 import Owlv2Teacher
+
+    d, p = preset.detector, preset
+    return (cls or Owlv2Teacher)(d.model, ontology, revision=d.revision, device=p.device, precision=p.precision,
+                                 box_floor=d.box_floor, nms_iou=d.nms_iou, image_size=d.image_size,
+                                 max_detections=d.max_detections, merge=d.merge, adapter=d.adapter)
+
+
 DETECTORS["grounding-dino"] = _grounding_dino
+DETECTORS["mm-grounding-dino"] = _mm_grounding_dino
+DETECTORS["owlv2"] = _owlv2
 SEGMENTERS["sam"] = _sam
 
 

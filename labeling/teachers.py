@@ -289,7 +289,8 @@ class TeacherPreset(StrictConfig):
         prompt chunks, so that a bad model or ontology fails before any label set exists.
 
         Returns:
-            the number of prompt chunks.
+            the number of prompt chunks (``owlv2``: of query batches, one query per prompt, whose
+            token count it checks instead).
 
         Raises:
             PresetError: the model is neither a local directory nor loadable by
@@ -310,6 +311,11 @@ class TeacherPreset(StrictConfig):
                 "(relative paths are relative to the preset), and transformers could not load it as a hub "
                 f"id (offline and not in the cache?). {type(e).__name__}: {str(e).splitlines()[0]}"
             ) from e
+        if d.kind == "owlv2":  # one text query per prompt, no caption: the prompts' length is what can fail
+            from distillery.labeling.owlv2 import QUERIES_PER_CALL, check_prompts
+
+            check_prompts(ontology, tok, int(cfg.text_config.max_position_embeddings))
+            return -(-len(ontology.prompts) // QUERIES_PER_CALL)
         return len(build_chunks(ontology, tok, int(getattr(cfg, "max_text_len", 256))))
 
     def to_dict(self) -> dict:

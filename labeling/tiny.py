@@ -11,6 +11,10 @@
   :func:`distillery.labeling.segmenter.build_sam_vit_tiny`);
 * ``teachers.yaml`` -- a preset pointing at both (relative paths).
 
+``add_tiny_detector(preset, kind)`` (``distillery teachers tiny --kind``) swaps the detector for a
+tiny ``MMGroundingDinoForObjectDetection`` (``mm-grounding-dino/``) or ``Owlv2ForObjectDetection``
+(``owlv2/``, with a made-up CLIP BPE vocabulary: :func:`tiny_clip_tokenizer`).
+
 Their weights are random: the labels they produce are meaningless. They exist so that
 the whole pipeline runs without network or real weights.
 """
@@ -146,4 +150,150 @@ def write_tiny_teachers(out_dir: str | Path, seed: int = 0, image_size: dict | N
     what = "Full-size (Grounding DINO-T, SAM ViT-B)" if size == "full" else "Tiny"
     header = f"# {what} RANDOM-WEIGHT teachers written by `distillery teachers tiny`: their labels are meaningless.\n"
     path.write_text(header + yaml.safe_dump(preset, sort_keys=False))
+    return path
+
+
+# -- other detector kinds (``distillery teachers tiny --kind``) ---------------------------------
+
+#: ``detector.kind`` values :func:`add_tiny_detector` writes.
+TINY_DETECTOR_KINDS = ("mm-grounding-dino", "owlv2")
+
+
+def mm_grounding_dino_config(size: str = "tiny"):
+    """``MMGroundingDinoConfig`` at the widths of :func:`tiny_grounding_dino_config` (``tiny``), or
+    its defaults (``full``: MM-Grounding-DINO-T, Swin-T + BERT-base, the architecture of
+    ``openmmlab-community/mm_grounding_dino_tiny_o365v1_goldg_v3det``)."""
+    from transformers import MMGroundingDinoConfig
+
+    if size == "full":
+        return MMGroundingDinoConfig()
+    gd = tiny_grounding_dino_config().to_dict()
+    keep = ("d_model", "num_queries", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim",
+            "encoder_attention_heads", "decoder_attention_heads", "num_feature_levels", "encoder_n_points",
+            "decoder_n_points", "max_text_len", "backbone_config", "text_config")
+    return MMGroundingDinoConfig(**{k: gd[k] for k in keep})
+
+
+def write_tiny_mm_grounding_dino(out: Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Save a random ``MMGroundingDinoForObjectDetection`` + ``GroundingDinoProcessor`` (BERT-uncased
+    vocabulary, as the released checkpoints) to ``out``."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        GroundingDinoImageProcessor,
+        GroundingDinoProcessor,
+        MMGroundingDinoForObjectDetection,
+    )
+
+    torch.manual_seed(seed)
+    model = MMGroundingDinoForObjectDetection(mm_grounding_dino_config(size)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(bert_uncased_vocab().parent))
+    processor = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 800, "longest_edge": 1333}),
+        tokenizer=tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def tiny_clip_tokenizer(max_length: int = 16):
+    """A byte-level BPE ``CLIPTokenizer`` with a made-up vocabulary: the 256 byte symbols of
+    GPT-2/CLIP's byte-level alphabet (``tokenizers.pre_tokenizers.ByteLevel.alphabet()``), each also
+    with CLIP's end-of-word suffix ``</w>``, and merges of every pair of lowercase letters (so a
+    COCO class name fits OWLv2's 16 text positions: "baseball glove" is 10 tokens), plus CLIP's
+    ``<|startoftext|>`` / ``<|endoftext|>``. No installed package ships CLIP's 49408-token
+    ``vocab.json`` / ``merges.txt``; the tokenizer's code (transformers ``CLIPTokenizer``) is the real one."""
+    import string
+
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for t in symbols + [s + "</w>" for s in symbols]:
+        vocab[t] = len(vocab)
+    merges = []
+    for end in ("", "</w>"):
+        for a in string.ascii_lowercase:
+            for b in string.ascii_lowercase:
+                merges.append((a, b + end))
+                vocab[a + b + end] = len(vocab)
+    for t in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[t] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def owlv2_config(tokenizer, size: str = "tiny"):
+    """``Owlv2Config``: ``full`` its defaults (OWLv2 B/16, 960x960 input, the architecture of
+    ``google/owlv2-base-patch16-ensemble``) but ``tokenizer``'s vocabulary; ``tiny`` width-32 one-layer text and vision
+    transformers, a 160x160 input in 16-pixel patches (100 patch queries), 16 text positions
+    (OWLv2's own), and ``tokenizer``'s vocabulary and special ids."""
+    from transformers import Owlv2Config
+
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if size == "full":
+        return Owlv2Config(text_config=ids, vision_config={"image_size": 960})  # the released B/16 input
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "max_position_embeddings": 16, **ids}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 160, "patch_size": 16}
+    return Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
+
+
+def write_tiny_owlv2(out: Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Save a random ``Owlv2ForObjectDetection`` + ``Owlv2Processor`` (``Owlv2ImageProcessor`` at the
+    config's square input size, :func:`tiny_clip_tokenizer`) to ``out``; the box head's last layer
+    is scaled by 0.01 (its bias zeroed) so boxes are patch-sized, not degenerate. ``full`` keeps the
+    tiny tokenizer (the text tower is OWLv2 B/16's, its embedding table smaller)."""
+    import torch
+    from transformers import Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    config = owlv2_config(tokenizer, size)
+    model = Owlv2ForObjectDetection(config).eval()
+    with torch.no_grad():
+        # random box-head outputs are large: sigmoid(box_bias + out) saturates to zero-area boxes that
+        # clipping drops. Scaled down, boxes are OWLv2's patch-grid prior (box_bias) plus noise.
+        model.box_head.dense2.weight.mul_(0.01)
+        model.box_head.dense2.bias.zero_()
+    side = config.vision_config.image_size
+    processor = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": side, "width": side}),
+                               tokenizer=tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def add_tiny_detector(preset_path: str | Path, kind: str, seed: int = 0, size: str = "tiny") -> Path:
+    """Write a random detector of ``kind`` (one of :data:`TINY_DETECTOR_KINDS`) into ``<kind>/`` beside
+    the preset :func:`write_tiny_teachers` wrote, and point the preset's ``detector`` at it
+    (``kind``, ``model``; ``image_size`` removed for ``owlv2``, whose input is its config's square).
+    The Grounding DINO folder the preset pointed at is removed. Returns ``preset_path``.
+
+    Raises:
+        ValueError: an unknown ``kind`` or ``size``.
+    """
+    import shutil
+
+    if kind not in TINY_DETECTOR_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(TINY_DETECTOR_KINDS)}, got {kind!r}")
+    if size not in ("tiny", "full"):
+        raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
+    path = Path(preset_path)
+    writer = write_tiny_mm_grounding_dino if kind == "mm-grounding-dino" else write_tiny_owlv2
+    writer(path.parent / kind, seed, size=size)
+    header = "".join(line + "\n" for line in path.read_text().splitlines() if line.startswith("#"))
+    preset = yaml.safe_load(path.read_text())
+    old = preset["detector"].get("model")
+    preset["detector"] = {"kind": kind, "model": kind, **{k: v for k, v in preset["detector"].items()
+                                                          if k not in ("kind", "model")}}
+    if kind == "owlv2":
+        preset["detector"].pop("image_size", None)
+    if old and old != kind and (path.parent / old).is_dir():
+        shutil.rmtree(path.parent / old)
+    path.write_text(header.replace("Tiny", f"Tiny ({kind} detector)", 1) + yaml.safe_dump(preset, sort_keys=False))
     return path

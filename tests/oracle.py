@@ -136,3 +136,46 @@ class OracleSegmenter(SamTeacher):
             frac = F.avg_pool2d(letterbox, 4)  # 1024 -> 256: each low-res logit covers 4x4 input pixels
             out.append((frac - 0.5) * 2 * LOGIT)
         return torch.cat(out), torch.ones(len(out), 1)
+
+
+# -- other detector kinds (labeling.kinds.DETECTORS) ---------------------------------------------
+from distillery.labeling.mm_grounding_dino import MMGroundingDinoTeacher  # noqa: E402
+from distillery.labeling.owlv2 import Owlv2Teacher  # noqa: E402
+
+
+class OracleMMDetector(OracleDetector, MMGroundingDinoTeacher):
+    """MM-Grounding-DINO (its model class, processor and token spans) with :class:`OracleDetector`'s
+    GT-derived raw output."""
+
+
+class OracleOwlv2(Owlv2Teacher):
+    """OWLv2 whose forward returns, per image, one patch query per GT instance: its box in
+    normalised cxcywh of the *padded square* the OWLv2 processor makes (the image at the top-left
+    of a ``max(H, W)`` square; computed here from GT, not by the code under test), logit +10 for
+    the prompts of the GT class in this query batch and -10 elsewhere; the other patches get
+    -10 everywhere."""
+
+    gt: GroundTruth
+    num_patches = 120
+
+    def __call__(self, images):
+        self._current = [self.gt.boxes_of(im) for im in images]
+        self._sizes = [im.shape[:2] for im in images]
+        return super().__call__(images)
+
+    def forward(self, inputs, batch):
+        prompts = self.query_batches[batch]
+        B, P = len(self._current), self.num_patches
+        logits = torch.full((B, P, len(prompts)), -LOGIT)
+        boxes = torch.tensor([0.5, 0.5, 0.1, 0.1]).repeat(B, P, 1)
+        for b, (gt, (h, w)) in enumerate(zip(self._current, self._sizes)):
+            assert len(gt["boxes"]) <= P
+            side = max(h, w)
+            for q, (box, c) in enumerate(zip(gt["boxes"], gt["classes"])):
+                x1, y1, x2, y2 = box
+                boxes[b, q] = torch.tensor([(x1 + x2) / 2 / side, (y1 + y2) / 2 / side, (x2 - x1) / side,
+                                            (y2 - y1) / side])
+                for col, p in enumerate(prompts):
+                    if self.ontology.prompt_class[p] == c:
+                        logits[b, q, col] = LOGIT
+        return logits, boxes

@@ -21,7 +21,7 @@ DETECTOR_KEYS = "kind, model, revision, box_floor, nms_iou, merge, image_size, m
 
 #: (YAML text, key path, what the message must say after "<file>: <key path>: ").
 BAD_PRESETS = [
-    ("detector: {kind: yolo-world}\n", "detector.kind", "unknown detector kind 'yolo-world'; known: grounding-dino"),
+    ("detector: {kind: yolo-world}\n", "detector.kind", "unknown detector kind 'yolo-world'; known: grounding-dino, mm-grounding-dino, owlv2"),
     ("segmenter: {kind: sam, model: facebook/sam-vit-base}\n", "segmenter",
      "kind sam loads model_type + checkpoint (segment-anything); remove 'model'"),
     ("teacher: {kind: sam9, model: x}\n", "teacher.kind", "unknown teacher kind 'sam9'; known: "),
