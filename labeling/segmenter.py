@@ -30,9 +30,12 @@ from distillery.labeling.detector import DTYPES, resolve_device
 #: segment-anything's ``SamAutomaticMaskGenerator`` has the same clean-up
 #: (``min_mask_region_area``), off (0) by default; its example notebook
 #: (``notebooks/automatic_mask_generator_example.ipynb``) turns it on with 100, the value taken
-#: here: 0.03% of a 640x480 photo, a 10x10 px speck, far below the COCO "small" object area
-#: (32**2 = 1024 px), so no object COCO evaluates is removed whole (an instance with only small
-#: parts keeps its largest, as SAM does).
+#: here: 0.03% of a 640x480 photo, a 10x10 px speck, a tenth of the COCO "small" object area
+#: (32**2 = 1024 px); no instance is removed whole (one with only small parts keeps its largest,
+#: as SAM does). Its cost on human masks, measured on the 929 non-crowd coco128 GT masks: 60
+#: change (real fragments of occluded objects), mean IoU with the original 0.9936, 4 masks of
+#: >= 400 px under 0.95 (at 25 px: 41 change, mean 0.9976). Set 0 for masks that are meant
+#: to keep every fragment.
 MIN_REGION_AREA = 100
 
 

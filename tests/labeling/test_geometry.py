@@ -72,6 +72,7 @@ def run_oracle(paths, gt, onto, tiny_teachers, store, merge="agnostic"):
     preset = TeacherPreset.load(tiny_teachers)
     preset.detector.max_detections = 300  # the tiny preset caps boxes at 20; coco128 has up to ~60 per image
     preset.detector.merge = merge
+    preset.segmenter.min_region_area = 0  # geometry against GT masks: SAM's clean-up would drop GT's small parts
     ls = LabelStore(store).create(labelset_spec(onto, preset))
     pd = preset.to_dict()
     stages = [

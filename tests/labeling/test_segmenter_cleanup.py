@@ -67,3 +67,23 @@ def test_segmenter_cleans_its_masks_and_the_preset_key_reaches_the_fingerprint(t
     assert labelset_spec(onto, preset)["thresholds"]["min_region_area"] == 0
     with pytest.raises(ValueError, match="min_region_area must be >= 0 px, got -5"):
         SamTeacher(s.model_type, s.checkpoint, device="cpu", min_region_area=-5)
+
+
+def test_default_clean_up_on_coco128_gt_masks(coco128_gt):
+    """What the default costs on human masks: fragments of occluded objects under 100 px go.
+    Measured over the 929 non-crowd coco128 GT masks: 60 change, mean IoU 0.9936, min 0.5000 (a
+    small two-part mask), 4 masks of >= 400 px under 0.95 (min 0.8545)."""
+    images = {im["id"]: im for im in coco128_gt["images"]}
+    ious, areas = [], []
+    for a in coco128_gt["annotations"]:
+        if a["iscrowd"]:
+            continue
+        h, w = images[a["image_id"]]["height"], images[a["image_id"]]["width"]
+        m = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(a["segmentation"], h, w))).astype(bool)
+        c = remove_small_regions(m, MIN_REGION_AREA)
+        ious.append((m & c).sum() / (m | c).sum()), areas.append(m.sum())
+    ious, areas = np.array(ious), np.array(areas)
+    print(f"\ncoco128 GT, clean-up at {MIN_REGION_AREA} px: {(ious < 1).sum()} of {len(ious)} change, mean IoU "
+          f"{ious.mean():.4f}, masks >= 400 px under 0.95: {(ious[areas >= 400] < 0.95).sum()}")
+    assert len(ious) == 929 and (ious < 1).sum() == 60
+    assert ious.mean() >= 0.993 and (ious[areas >= 400] < 0.95).sum() == 4
