@@ -313,7 +313,10 @@ def teachers() -> None:
 @click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True,
               help="tiny: width-32 models, seconds per image on a CPU; full: the real architectures "
                    "(Grounding DINO-T, SAM ViT-B, ~1 GB on disk) at random weights, for benchmarks.")
-def teachers_tiny(out_dir, seed, size):
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(["sam", "sam2", "sam-hq"]),
+              help="Teacher kind to write (repeatable, one per role): segmenter kind sam (default), sam2 or "
+                   "sam-hq; the preset's segmenter.kind and segmenter.model point at it.")
+def teachers_tiny(out_dir, seed, size, kinds):
     """Write RANDOM-WEIGHT Grounding DINO and SAM teachers plus a preset to OUT_DIR.
 
     Their labels are meaningless; they let the whole pipeline run offline (tiny), or measure
@@ -325,8 +328,11 @@ def teachers_tiny(out_dir, seed, size):
     """
     from distillery.labeling.tiny import write_tiny_teachers
 
+    segmenters = [k for k in kinds if k in ("sam", "sam2", "sam-hq")]
+    if len(segmenters) > 1:
+        raise UserError(f"--kind: give at most one segmenter kind, got {', '.join(segmenters)}")
     try:
-        path = write_tiny_teachers(out_dir, seed, size=size)
+        path = write_tiny_teachers(out_dir, seed, size=size, segmenter=segmenters[0] if segmenters else "sam")
     except OSError as e:
         raise UserError(f"cannot write {out_dir}: {e.strerror or e}; choose a writable folder") from e
     click.echo(f"wrote {size} random teachers and preset {path}")
