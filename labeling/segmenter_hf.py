@@ -45,7 +45,8 @@ class HFSegmenter:
         boxes_per_call: boxes decoded per mask-decoder call.
 
     Raises:
-        ValueError: the model or its processor cannot be loaded (names ``segmenter.model``).
+        ValueError: the model or its processor cannot be loaded, or its ``config.model_type``
+            is not this kind's (one line naming ``segmenter.model``).
     """
 
     #: transformers class names of the model and its processor (set by each kind)
@@ -53,6 +54,8 @@ class HFSegmenter:
     processor_class: str = ""
     #: ``segmenter.kind`` this class serves, for error messages
     kind: str = ""
+    #: the transformers ``config.model_type`` the weights must have
+    model_type: str = ""
 
     def __init__(self, model: str, *, revision: str | None = None, device: str = "auto",
                  precision: str = "fp32", boxes_per_call: int = 32) -> None:
@@ -60,20 +63,30 @@ class HFSegmenter:
 
         self.device = resolve_device(device)
         try:
+            config = transformers.AutoConfig.from_pretrained(model, revision=revision)
+        except (OSError, ValueError) as e:
+            raise self._load_error(model, e) from e
+        if config.model_type != self.model_type:
+            raise ValueError(f"segmenter.model {model!r} is a {config.model_type!r} model, not the "
+                             f"{self.model_type!r} that segmenter.kind {self.kind} loads; set the kind that matches it")
+        try:
             self.model = getattr(transformers, self.model_class).from_pretrained(model, revision=revision)
             self.processor = getattr(transformers, self.processor_class).from_pretrained(model, revision=revision)
         except (OSError, ValueError) as e:
-            raise ValueError(
-                f"segmenter.model {model!r} (kind {self.kind}) cannot be loaded as a {self.model_class}: not a local "
-                "folder with its weights and preprocessor_config.json (relative paths are relative to the preset), "
-                f"nor a hub id in the cache. {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            ) from e
+            raise self._load_error(model, e) from e
         self.model = self.model.to(self.device).eval()
         self.dtype = DTYPES[precision] if self.device.type == "cuda" else torch.float32
         self.boxes_per_call = int(boxes_per_call)
         self.mask_threshold = 0.0
         self.features = None
         self.original_size: tuple[int, int] | None = None
+
+    def _load_error(self, model: str, e: Exception) -> ValueError:
+        first = str(e).splitlines()[0] if str(e) else ""
+        return ValueError(
+            f"segmenter.model {model!r} (kind {self.kind}) cannot be loaded as a {self.model_class}: not a local "
+            "folder with its weights and preprocessor_config.json (relative paths are relative to the preset), "
+            f"nor a hub id in the cache. {type(e).__name__}: {first}")
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
@@ -166,7 +179,7 @@ class HFSegmenter:
 class Sam2Teacher(HFSegmenter):
     """SAM 2 (transformers ``Sam2Model`` + ``Sam2Processor``); e.g. ``facebook/sam2.1-hiera-tiny``."""
 
-    model_class, processor_class, kind = "Sam2Model", "Sam2Processor", "sam2"
+    model_class, processor_class, kind, model_type = "Sam2Model", "Sam2Processor", "sam2", "sam2"
 
     def encode(self, pixel_values):
         return self.model.get_image_embeddings(pixel_values)  # FPN levels, high resolution first
@@ -186,7 +199,7 @@ class Sam2Teacher(HFSegmenter):
 class SamHQTeacher(HFSegmenter):
     """SAM-HQ (transformers ``SamHQModel`` + ``SamHQProcessor``); e.g. ``syscv-community/sam-hq-vit-base``."""
 
-    model_class, processor_class, kind = "SamHQModel", "SamHQProcessor", "sam-hq"
+    model_class, processor_class, kind, model_type = "SamHQModel", "SamHQProcessor", "sam-hq", "sam_hq"
 
     def encode(self, pixel_values):
         return self.model.get_image_embeddings(pixel_values)  # (last embedding, intermediate ViT embeddings)

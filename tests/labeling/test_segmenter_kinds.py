@@ -148,3 +148,15 @@ def test_oracle_geometry_of_kind_under_exif_rotation(kind, kind_teachers, coco12
     ious = _mask_ious(seg, kind, d.pixels, *gt_instances(coco128_gt, im, classes))
     print(f"{kind} oracle, EXIF 6, {len(ious)} instances: mask IoU median {np.median(ious):.4f} min {ious.min():.4f}")
     assert len(ious) == 7 and np.median(ious) >= 0.95 and np.percentile(ious, 5) >= 0.85
+
+
+def test_weights_of_another_kind_or_missing_fail_in_one_line(kind_teachers, tmp_path):
+    from distillery.labeling.segmenter_hf import Sam2Teacher, SamHQTeacher
+
+    hq_dir = str(TeacherPreset.load(kind_teachers["sam-hq"]).segmenter.model)
+    with pytest.raises(ValueError, match=r"is a 'sam_hq' model, not the 'sam2' that segmenter.kind sam2 loads") as e:
+        Sam2Teacher(hq_dir, device="cpu")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"segmenter.model '.*no-such-dir' \(kind sam-hq\) cannot be loaded") as e:
+        SamHQTeacher(str(tmp_path / "no-such-dir"), device="cpu")
+    assert "\n" not in str(e.value)
