@@ -322,9 +322,14 @@ def teachers_tiny(out_dir, seed, size, kinds):
     Their labels are meaningless; they let the whole pipeline run offline (tiny), or measure
     what the real architectures cost (full).
 
+    --kind sam2 or --kind sam-hq writes a transformers SAM 2 / SAM-HQ of that architecture
+    (folder OUT_DIR/sam2 or OUT_DIR/sam-hq, loaded by from_pretrained like real weights)
+    instead of the segment-anything SAM.
+
     \b
     Example:
       distillery teachers tiny teachers/ && distillery label imgs/ --classes cat --store s/ --teachers teachers/teachers.yaml
+      distillery teachers tiny teachers-sam2/ --kind sam2
     """
     from distillery.labeling.tiny import write_tiny_teachers
 
