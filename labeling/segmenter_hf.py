@@ -150,7 +150,7 @@ class HFSegmenter:
     @torch.inference_mode()
     def postprocess(self, low_res_logits: torch.Tensor) -> np.ndarray:
         """Low-res logits ``(N, 1, 256, 256)`` -> bool masks ``(N, H, W)`` of the original frame."""
-        up = self._upsample(low_res_logits.float())
+        up = self._upsample(low_res_logits.to(self.device).float())
         return (up[:, 0] > self.mask_threshold).cpu().numpy()
 
     def reset(self) -> None:
