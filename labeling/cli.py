@@ -314,33 +314,41 @@ def teachers() -> None:
               help="tiny: width-32 models, seconds per image on a CPU; full: the real architectures "
                    "(Grounding DINO-T, SAM ViT-B, ~1 GB on disk) at random weights, for benchmarks.")
 @click.option("--kind", "kinds", multiple=True, metavar="KIND",
-              type=click.Choice(["grounding-dino", "mm-grounding-dino", "owlv2"]),
-              help="Detector kind (detector.kind of the preset; default grounding-dino): grounding-dino, "
-                   "mm-grounding-dino or owlv2.")
+              type=click.Choice(["grounding-dino", "mm-grounding-dino", "owlv2", "sam", "sam2", "sam-hq"]),
+              help="Teacher kind (repeatable, at most one per role): detector grounding-dino (default), "
+                   "mm-grounding-dino or owlv2; segmenter sam (default), sam2 or sam-hq.")
 def teachers_tiny(out_dir, seed, size, kinds=()):
-    """Write RANDOM-WEIGHT detector (Grounding DINO, or --kind) and SAM teachers plus a preset to OUT_DIR.
+    """Write RANDOM-WEIGHT detector and segmenter teachers (Grounding DINO and SAM, or --kind) plus a
+    preset to OUT_DIR.
 
     Their labels are meaningless; they let the whole pipeline run offline (tiny), or measure
     what the real architectures cost (full).
 
+    --kind sam2 or --kind sam-hq writes a transformers SAM 2 / SAM-HQ of that architecture
+    (folder OUT_DIR/sam2 or OUT_DIR/sam-hq, loaded by from_pretrained like real weights)
+    instead of the segment-anything SAM.
+
     \b
     Example:
       distillery teachers tiny teachers/ && distillery label imgs/ --classes cat --store s/ --teachers teachers/teachers.yaml
-      distillery teachers tiny owl/ --kind owlv2
+      distillery teachers tiny owl/ --kind owlv2 --kind sam2
     """
     from distillery.labeling.tiny import TINY_DETECTOR_KINDS, add_tiny_detector, write_tiny_teachers
 
     detector_kinds = [k for k in kinds if k in TINY_DETECTOR_KINDS or k == "grounding-dino"]
-    if len(detector_kinds) > 1:
-        raise UserError(f"--kind: give at most one detector kind, got {', '.join(detector_kinds)}")
+    segmenters = [k for k in kinds if k in ("sam", "sam2", "sam-hq")]
+    for role, given in (("detector", detector_kinds), ("segmenter", segmenters)):
+        if len(given) > 1:
+            raise UserError(f"--kind: give at most one {role} kind, got {', '.join(given)}")
     try:
-        path = write_tiny_teachers(out_dir, seed, size=size)
+        path = write_tiny_teachers(out_dir, seed, size=size, segmenter=segmenters[0] if segmenters else "sam")
         if detector_kinds and detector_kinds[0] in TINY_DETECTOR_KINDS:
             add_tiny_detector(path, detector_kinds[0], seed, size=size)
     except OSError as e:
         raise UserError(f"cannot write {out_dir}: {e.strerror or e}; choose a writable folder") from e
     detector = detector_kinds[0] if detector_kinds else "grounding-dino"
-    click.echo(f"wrote {size} random teachers ({detector} detector) and preset {path}")
+    click.echo(f"wrote {size} random teachers ({detector} detector, {segmenters[0] if segmenters else 'sam'} "
+               f"segmenter) and preset {path}")
 
 
 @teachers.command("eval")

@@ -68,10 +68,23 @@ def _owlv2(preset, ontology, cls=None):
                                  max_detections=d.max_detections, merge=d.merge, adapter=d.adapter)
 
 
+def _hf_segmenter(default_cls_name):
+    def build(preset, cls=None):
+        from distillery.labeling import segmenter_hf
+
+        s, p = preset.segmenter, preset
+        return (cls or getattr(segmenter_hf, default_cls_name))(
+            s.model, revision=s.revision, device=p.device, precision=p.precision, boxes_per_call=s.boxes_per_call)
+
+    return build
+
+
 DETECTORS["grounding-dino"] = _grounding_dino
 DETECTORS["mm-grounding-dino"] = _mm_grounding_dino
 DETECTORS["owlv2"] = _owlv2
 SEGMENTERS["sam"] = _sam
+SEGMENTERS["sam2"] = _hf_segmenter("Sam2Teacher")  # labeling.segmenter_hf: transformers Sam2Model
+SEGMENTERS["sam-hq"] = _hf_segmenter("SamHQTeacher")  # labeling.segmenter_hf: transformers SamHQModel
 
 
 def _lookup(table: dict, role: str, kind: str) -> Callable:

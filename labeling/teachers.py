@@ -409,7 +409,9 @@ def labelset_spec(ontology: Ontology, preset: TeacherPreset) -> dict:
         "preprocessing": {
             "decode": "pillow-exif_transpose-rgb",
             "detector_image_size": d.image_size,
-            "segmenter_input": "ResizeLongestSide(1024)",
+            # sam2 / sam-hq: their processor's (SAM 2 stretches to 1024x1024), whose
+            # preprocessor_config.json the segmenter's identity already covers
+            "segmenter_input": "ResizeLongestSide(1024)" if s.kind == "sam" else f"{s.kind} processor",
         },
         "thresholds": {"box_floor": d.box_floor, "nms_iou": d.nms_iou, "max_detections": d.max_detections,
                        "mask_threshold": 0.0, "merge": d.merge, "min_region_area": s.min_region_area},

@@ -9,6 +9,9 @@
 * ``sam_vit_tiny.pth`` -- a SAM state dict with a reduced (2-block, width-32) ViT image
   encoder and a width-32 prompt encoder and mask decoder (``model_type: vit_tiny``,
   :func:`distillery.labeling.segmenter.build_sam_vit_tiny`);
+* or, with ``segmenter="sam2"`` / ``"sam-hq"``, a folder ``sam2/`` / ``sam-hq/`` holding a
+  random transformers ``Sam2Model`` / ``SamHQModel`` of reduced width and its processor
+  (:func:`write_tiny_hf_segmenter`), loaded by ``from_pretrained`` like a hub model;
 * ``teachers.yaml`` -- a preset pointing at both (relative paths).
 
 ``add_tiny_detector(preset, kind)`` (``distillery teachers tiny --kind``) swaps the detector for a
@@ -104,8 +107,79 @@ def write_tiny_sam(path: Path, seed: int = 0, model_type: str = "vit_tiny") -> P
     return path
 
 
+def tiny_sam2_config(size: str = "tiny"):
+    """SAM 2's architecture (``Sam2Config()``'s defaults: Hiera-T, the configuration of
+    ``facebook/sam2.1-hiera-tiny``) for ``full``; for ``tiny``, the same 1024 input, 16-pixel
+    prompt grid and three FPN levels (256, 128, 64 px) with a Hiera of widths 16-128 and five
+    blocks, an FPN, prompt encoder and mask decoder of width 32 (SAM 2: 256)."""
+    from transformers import Sam2Config
+    from transformers.models.sam2.configuration_sam2 import (
+        Sam2HieraDetConfig, Sam2MaskDecoderConfig, Sam2PromptEncoderConfig, Sam2VisionConfig,
+    )
+
+    if size == "full":
+        return Sam2Config()
+    dim = 32
+    # a global-attention block may not open a stage (its query pooling needs a window)
+    hiera = Sam2HieraDetConfig(hidden_size=16, embed_dim_per_stage=[16, 32, 64, 128], blocks_per_stage=[1, 1, 2, 1],
+                               num_attention_heads_per_stage=[1, 1, 1, 1], global_attention_blocks=[3])
+    return Sam2Config(
+        vision_config=Sam2VisionConfig(backbone_config=hiera, backbone_channel_list=[128, 64, 32, 16],
+                                       fpn_hidden_size=dim),
+        prompt_encoder_config=Sam2PromptEncoderConfig(hidden_size=dim),
+        mask_decoder_config=Sam2MaskDecoderConfig(hidden_size=dim, mlp_dim=64, num_attention_heads=2,
+                                                  iou_head_hidden_dim=32),
+    )
+
+
+def tiny_sam_hq_config(size: str = "tiny"):
+    """SAM-HQ's architecture (``SamHQConfig()``'s defaults: ViT-B, the configuration of
+    ``syscv-community/sam-hq-vit-base``) for ``full``; for ``tiny``, SAM's 1024 input and
+    64x64 embedding grid with a 2-block width-32 ViT and a width-32 prompt encoder and
+    HQ mask decoder (as :func:`distillery.labeling.segmenter.build_sam_vit_tiny`)."""
+    from transformers import SamHQConfig
+    from transformers.models.sam_hq.configuration_sam_hq import (
+        SamHQMaskDecoderConfig, SamHQPromptEncoderConfig, SamHQVisionConfig,
+    )
+
+    if size == "full":
+        return SamHQConfig()
+    dim = 32
+    return SamHQConfig(
+        vision_config=SamHQVisionConfig(hidden_size=32, output_channels=dim, num_hidden_layers=2, num_attention_heads=2,
+                                        global_attn_indexes=[1], mlp_dim=64, num_pos_feats=dim // 2),
+        prompt_encoder_config=SamHQPromptEncoderConfig(hidden_size=dim),
+        mask_decoder_config=SamHQMaskDecoderConfig(hidden_size=dim, mlp_dim=64, num_attention_heads=2,
+                                                   iou_head_hidden_dim=32, vit_dim=32),
+    )
+
+
+#: ``segmenter.kind`` -> (config function, model class, processor class, image processor class)
+HF_SEGMENTERS = {
+    "sam2": (tiny_sam2_config, "Sam2Model", "Sam2Processor", "Sam2ImageProcessor"),
+    "sam-hq": (tiny_sam_hq_config, "SamHQModel", "SamHQProcessor", "SamImageProcessor"),
+}
+
+
+def write_tiny_hf_segmenter(kind: str, out: Path, seed: int = 0, size: str = "tiny") -> Path:
+    """Save a random transformers segmenter of ``kind`` (``sam2``, ``sam-hq``; see
+    :data:`HF_SEGMENTERS`) and its default processor to the folder ``out``, loadable by
+    ``from_pretrained(out)`` like a hub model."""
+    import torch
+    import transformers
+
+    config_fn, model_cls, proc_cls, image_proc_cls = HF_SEGMENTERS[kind]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config_fn(size)).eval()
+    processor = getattr(transformers, proc_cls)(image_processor=getattr(transformers, image_proc_cls)())
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def write_tiny_teachers(out_dir: str | Path, seed: int = 0, image_size: dict | None = None,
-                        size: str = "tiny") -> Path:
+                        size: str = "tiny", segmenter: str = "sam") -> Path:
     """Write both random teachers and ``teachers.yaml``; returns the preset's path.
 
     Args:
@@ -115,16 +189,24 @@ def write_tiny_teachers(out_dir: str | Path, seed: int = 0, image_size: dict | N
         size: ``tiny`` (width-32 models, seconds per image on a CPU) or ``full`` (the real
             architectures, Grounding DINO-T and SAM ViT-B, at random weights: what real weights
             cost in time and memory, for benchmarks).
+        segmenter: the ``segmenter.kind``: ``sam`` (segment-anything state dict), or ``sam2`` /
+            ``sam-hq`` (a transformers folder of that name, :func:`write_tiny_hf_segmenter`).
 
     Raises:
-        ValueError: an unknown ``size``.
+        ValueError: an unknown ``size`` or ``segmenter``.
     """
     if size not in ("tiny", "full"):
         raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
+    if segmenter != "sam" and segmenter not in HF_SEGMENTERS:
+        raise ValueError(f"segmenter must be one of sam, {', '.join(HF_SEGMENTERS)}; got {segmenter!r}")
     out = Path(out_dir)
     sam_type = "vit_b" if size == "full" else "vit_tiny"
     write_tiny_grounding_dino(out / "grounding-dino", seed, size=size)
-    write_tiny_sam(out / f"sam_{sam_type}_random.pth" if size == "full" else out / "sam_vit_tiny.pth", seed, sam_type)
+    if segmenter == "sam":
+        write_tiny_sam(out / f"sam_{sam_type}_random.pth" if size == "full" else out / "sam_vit_tiny.pth", seed,
+                       sam_type)
+    else:
+        write_tiny_hf_segmenter(segmenter, out / segmenter, seed, size)
     default_size = {"shortest_edge": 800, "longest_edge": 1333} if size == "full" else \
         {"shortest_edge": 320, "longest_edge": 512}
     preset = {
@@ -146,8 +228,12 @@ def write_tiny_teachers(out_dir: str | Path, seed: int = 0, image_size: dict | N
         "device": "auto",
         "precision": "fp32",
     }
+    if segmenter != "sam":
+        preset["segmenter"] = {"kind": segmenter, "model": segmenter, "boxes_per_call": 32, "batch_size": 4,
+                               "actors": 1}
     path = out / "teachers.yaml"
-    what = "Full-size (Grounding DINO-T, SAM ViT-B)" if size == "full" else "Tiny"
+    full_seg = {"sam": "SAM ViT-B", "sam2": "SAM 2 Hiera-T", "sam-hq": "SAM-HQ ViT-B"}[segmenter]
+    what = f"Full-size (Grounding DINO-T, {full_seg})" if size == "full" else "Tiny"
     header = f"# {what} RANDOM-WEIGHT teachers written by `distillery teachers tiny`: their labels are meaningless.\n"
     path.write_text(header + yaml.safe_dump(preset, sort_keys=False))
     return path

@@ -179,3 +179,82 @@ class OracleOwlv2(Owlv2Teacher):
                     if self.ontology.prompt_class[p] == c:
                         logits[b, q, col] = LOGIT
         return logits, boxes
+
+
+# --- transformers segmenter kinds (labeling.segmenter_hf): sam2, sam-hq -------------------
+
+from distillery.labeling.segmenter_hf import Sam2Teacher, SamHQTeacher  # noqa: E402
+
+
+def gt_low_res_logits(gt: dict, received: torch.Tensor, h: int, w: int, nh: int, nw: int,
+                      match_iou: float, margin: float) -> torch.Tensor:
+    """Low-res logits ``(N, 1, 256, 256)`` of the GT masks of ``gt`` for boxes ``received`` in a
+    1024x1024 input frame whose top-left ``(nh, nw)`` holds the ``(h, w)`` image (the rest
+    padding): each box is matched to a GT box scaled by (nw / w, nh / h) at IoU >= ``match_iou``
+    (else AssertionError: a wrong original -> input transform), the GT mask resized to
+    ``(nh, nw)`` (area) is cut to the box +- ``margin`` input pixels and area-pooled to 256x256
+    (4x4 input pixels per logit), +-LOGIT at mask fraction 1 / 0."""
+    gt_in = torch.from_numpy(gt["boxes"]) * torch.tensor([nw / w, nh / h, nw / w, nh / h])
+    received = torch.as_tensor(received, dtype=torch.float32).cpu()
+    iou = box_iou(received, gt_in)
+    out = []
+    for b, box in enumerate(received):
+        best, k = iou[b].max(dim=0)
+        if best < match_iou:
+            raise AssertionError(
+                f"segmenter got box {box.tolist()} in its {nw}x{nh} input frame of a {w}x{h} image: it matches no "
+                f"GT box (best IoU {best:.3f}, GT there {gt_in[k].tolist()}): wrong original -> input transform"
+            )
+        m = torch.from_numpy(mask_utils.decode(gt["masks"][int(k)]).astype(np.float32))[None, None]
+        m = F.interpolate(m, size=(nh, nw), mode="area")[0, 0]
+        x1, y1, x2, y2 = box.tolist()
+        c1, r1 = max(math.ceil(x1 - margin - 0.5), 0), max(math.ceil(y1 - margin - 0.5), 0)
+        c2, r2 = min(math.floor(x2 + margin - 0.5) + 1, nw), min(math.floor(y2 + margin - 0.5) + 1, nh)
+        frame = torch.zeros(1, 1, 1024, 1024)
+        if c2 > c1 and r2 > r1:
+            frame[0, 0, r1:r2, c1:c2] = m[r1:r2, c1:c2]
+        out.append((F.avg_pool2d(frame, 4) - 0.5) * 2 * LOGIT)
+    return torch.cat(out)
+
+
+class _OracleHF:
+    """Mixin for :class:`~distillery.labeling.segmenter_hf.HFSegmenter` kinds: ``decode`` returns
+    :func:`gt_low_res_logits` in the kind's input frame (:meth:`input_shape`, computed here from
+    the model's published preprocessing, not by the code under test) and IoU 1; the image
+    encoder is skipped (its features are unused here). The processor's image preprocessing,
+    :meth:`input_boxes` and :meth:`postprocess` are the real code."""
+
+    gt: GroundTruth
+    MATCH_IOU = 0.98
+    MARGIN = 2.0
+
+    def input_shape(self, h: int, w: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def encode(self, pixel_values):
+        return None
+
+    def embed(self, image):
+        self._gt = self.gt.boxes_of(image)
+        super().embed(image)
+
+    def decode(self, input_boxes):
+        h, w = self.original_size
+        nh, nw = self.input_shape(h, w)
+        logits = gt_low_res_logits(self._gt, input_boxes, h, w, nh, nw, self.MATCH_IOU, self.MARGIN)
+        return logits, torch.ones(len(logits), 1)
+
+
+class OracleSam2(_OracleHF, Sam2Teacher):
+    """SAM 2 oracle: SAM 2 resizes every image to 1024x1024, aspect ratio not kept
+    (``Sam2ImageProcessor.size``; ``SAM2Transforms`` in facebookresearch/sam2)."""
+
+    def input_shape(self, h, w):
+        return 1024, 1024
+
+
+class OracleSamHQ(_OracleHF, SamHQTeacher):
+    """SAM-HQ oracle: longest side to 1024, padded to 1024x1024 (SAM's ``ResizeLongestSide``)."""
+
+    def input_shape(self, h, w):
+        return ResizeLongestSide.get_preprocess_shape(h, w, 1024)

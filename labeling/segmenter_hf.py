@@ -1,0 +1,218 @@
+"""Box-prompted mask teachers from transformers: SAM 2 (``segmenter.kind: sam2``) and SAM-HQ
+(``segmenter.kind: sam-hq``), with the steps and return types of
+:class:`distillery.labeling.segmenter.SamTeacher`.
+
+Steps, as separate methods (the model's own processor does every change of frame):
+
+* :meth:`HFSegmenter.embed` -- the processor's image preprocessing and the image encoder,
+  once per image (``get_image_embeddings``). SAM 2 (``Sam2ImageProcessor``) resizes the image
+  to 1024x1024 *without* keeping its aspect ratio; SAM-HQ (``SamImageProcessor``, as SAM)
+  resizes its longest side to 1024 and pads to 1024x1024;
+* :meth:`HFSegmenter.input_boxes` -- boxes from the original frame to the model's input frame
+  (the processor's ``_normalize_coordinates``: x times new_w / w, y times new_h / h, with
+  (new_h, new_w) = (1024, 1024) for SAM 2, the longest-side-1024 resize for SAM-HQ);
+* :meth:`HFSegmenter.decode` -- prompt encoder + mask decoder for a batch of input-frame boxes
+  of the embedded image, ``multimask_output=False``: raw low-resolution mask logits
+  ``(N, 1, 256, 256)`` over the 1024x1024 input and the predicted IoU ``(N, 1)``;
+* :meth:`HFSegmenter.postprocess` -- the processor's ``post_process_masks`` (SAM 2: bilinear
+  upsampling straight to the original frame; SAM-HQ: upsample to 1024, crop the padding,
+  resize to the original frame), thresholded at 0.0 (both processors' ``mask_threshold``).
+
+The mask score is the predicted IoU clipped to [0, 1], as for SAM. SAM 2's object-score
+logit is not applied, as in ``SAM2ImagePredictor`` (facebookresearch/sam2), which returns
+the decoder's masks and IoU only. SAM-HQ runs with ``hq_token_only=False`` (the transformers
+default and the sam-hq predictor's: the HQ mask is added to SAM's).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from distillery.labeling.detector import DTYPES, resolve_device
+from distillery.labeling.segmenter import encode_masks
+
+
+class HFSegmenter:
+    """Masks for given boxes with a transformers SAM-family model (see the module docstring).
+
+    Args:
+        model: a local folder or hub id that ``model_class.from_pretrained`` loads (weights
+            and the processor's ``preprocessor_config.json``).
+        revision: hub revision (branch, tag or commit); None: ``main``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        precision: ``"fp32"``, ``"fp16"``, ``"bf16"`` (autocast, GPU only).
+        boxes_per_call: boxes decoded per mask-decoder call.
+
+    Raises:
+        ValueError: the model or its processor cannot be loaded, or its ``config.model_type``
+            is not this kind's (one line naming ``segmenter.model``).
+    """
+
+    #: transformers class names of the model and its processor (set by each kind)
+    model_class: str = ""
+    processor_class: str = ""
+    #: ``segmenter.kind`` this class serves, for error messages
+    kind: str = ""
+    #: the transformers ``config.model_type`` the weights must have
+    model_type: str = ""
+
+    def __init__(self, model: str, *, revision: str | None = None, device: str = "auto",
+                 precision: str = "fp32", boxes_per_call: int = 32) -> None:
+        import transformers
+
+        self.device = resolve_device(device)
+        try:
+            config = transformers.AutoConfig.from_pretrained(model, revision=revision)
+        except (OSError, ValueError) as e:
+            raise self._load_error(model, e) from e
+        if config.model_type != self.model_type:
+            raise ValueError(f"segmenter.model {model!r} is a {config.model_type!r} model, not the "
+                             f"{self.model_type!r} that segmenter.kind {self.kind} loads; set the kind that matches it")
+        try:
+            self.model = getattr(transformers, self.model_class).from_pretrained(model, revision=revision)
+            self.processor = getattr(transformers, self.processor_class).from_pretrained(model, revision=revision)
+        except (OSError, ValueError) as e:
+            raise self._load_error(model, e) from e
+        self.model = self.model.to(self.device).eval()
+        self.dtype = DTYPES[precision] if self.device.type == "cuda" else torch.float32
+        self.boxes_per_call = int(boxes_per_call)
+        self.mask_threshold = 0.0
+        self.features = None
+        self.original_size: tuple[int, int] | None = None
+
+    def _load_error(self, model: str, e: Exception) -> ValueError:
+        first = str(e).splitlines()[0] if str(e) else ""
+        return ValueError(
+            f"segmenter.model {model!r} (kind {self.kind}) cannot be loaded as a {self.model_class}: not a local "
+            "folder with its weights and preprocessor_config.json (relative paths are relative to the preset), "
+            f"nor a hub id in the cache. {type(e).__name__}: {first}")
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    # --- per-kind differences --------------------------------------------------------------
+
+    def encode(self, pixel_values: torch.Tensor):
+        """Image encoder output for ``pixel_values`` ``(1, 3, 1024, 1024)``, kept for :meth:`decode`."""
+        raise NotImplementedError
+
+    def _decoder_inputs(self) -> dict:
+        """Keyword arguments of the model's forward that carry the cached image features."""
+        raise NotImplementedError
+
+    def _to_input_frame(self, boxes: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _upsample(self, low_res_logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- the steps -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray) -> None:
+        """Preprocess and encode one RGB uint8 ``(H, W, 3)`` image (kept for :meth:`decode`)."""
+        inputs = self.processor(images=image, return_tensors="pt")
+        self.original_size = tuple(int(v) for v in inputs["original_sizes"][0])
+        self.inputs = inputs
+        with self._autocast():
+            self.features = self.encode(inputs["pixel_values"].to(self.device))
+
+    def input_boxes(self, boxes: np.ndarray) -> torch.Tensor:
+        """Boxes of the embedded image from its original frame to the model's input frame.
+
+        Args:
+            boxes: float32 ``(N, 4)`` xyxy, absolute pixels of the original ``(H, W)`` frame.
+
+        Returns:
+            float32 ``(N, 4)`` xyxy pixels of the model's input frame (module docstring), on
+            the teacher's device.
+        """
+        out = self._to_input_frame(np.asarray(boxes, np.float64).reshape(-1, 4))
+        return torch.as_tensor(np.asarray(out), dtype=torch.float32, device=self.device).reshape(-1, 4)
+
+    @torch.inference_mode()
+    def decode(self, input_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw model output for boxes of the embedded image.
+
+        Args:
+            input_boxes: float32 ``(N, 4)`` xyxy pixels of the input frame (:meth:`input_boxes`).
+
+        Returns:
+            ``low_res_logits`` float32 ``(N, 1, 256, 256)`` over the 1024x1024 input, and
+            ``iou_pred`` float32 ``(N, 1)``, both on CPU.
+        """
+        with self._autocast():
+            out = self.model(input_boxes=input_boxes[None].to(self.device), multimask_output=False,
+                             **self._decoder_inputs())
+        return out.pred_masks[0].float().cpu(), out.iou_scores[0].float().cpu()
+
+    @torch.inference_mode()
+    def postprocess(self, low_res_logits: torch.Tensor) -> np.ndarray:
+        """Low-res logits ``(N, 1, 256, 256)`` -> bool masks ``(N, H, W)`` of the original frame."""
+        up = self._upsample(low_res_logits.to(self.device).float())
+        return (up[:, 0] > self.mask_threshold).cpu().numpy()
+
+    def reset(self) -> None:
+        self.features, self.inputs = None, None
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[list[dict], np.ndarray]:
+        """Masks for ``boxes`` (float32 ``(N, 4)`` xyxy pixels) on RGB uint8 ``image`` ``(H, W, 3)``.
+
+        Returns:
+            ``N`` compressed COCO RLE dicts (``size == [H, W]``, ``counts`` bytes) and float32
+            ``(N,)`` predicted IoU clipped to [0, 1]. No boxes, no encoder run.
+        """
+        n = len(boxes)
+        if n == 0:
+            return [], np.zeros(0, np.float32)
+        self.embed(image)
+        rles, ious = [], []
+        for s in range(0, n, self.boxes_per_call):
+            low_res, iou = self.decode(self.input_boxes(boxes[s : s + self.boxes_per_call]))
+            rles.extend(encode_masks(self.postprocess(low_res)))
+            ious.append(iou[:, 0].numpy())
+        self.reset()
+        return rles, np.clip(np.concatenate(ious), 0.0, 1.0).astype(np.float32)
+
+
+class Sam2Teacher(HFSegmenter):
+    """SAM 2 (transformers ``Sam2Model`` + ``Sam2Processor``); e.g. ``facebook/sam2.1-hiera-tiny``."""
+
+    model_class, processor_class, kind, model_type = "Sam2Model", "Sam2Processor", "sam2", "sam2"
+
+    def encode(self, pixel_values):
+        return self.model.get_image_embeddings(pixel_values)  # FPN levels, high resolution first
+
+    def _decoder_inputs(self):
+        return {"image_embeddings": self.features}
+
+    def _to_input_frame(self, boxes):
+        p = self.processor
+        return p._normalize_coordinates(p.target_size, torch.from_numpy(boxes), self.original_size,
+                                        is_bounding_box=True).numpy()
+
+    def _upsample(self, low_res_logits):
+        return self.processor.post_process_masks([low_res_logits], [self.original_size], binarize=False)[0]
+
+
+class SamHQTeacher(HFSegmenter):
+    """SAM-HQ (transformers ``SamHQModel`` + ``SamHQProcessor``); e.g. ``syscv-community/sam-hq-vit-base``."""
+
+    model_class, processor_class, kind, model_type = "SamHQModel", "SamHQProcessor", "sam-hq", "sam_hq"
+
+    def encode(self, pixel_values):
+        return self.model.get_image_embeddings(pixel_values)  # (last embedding, intermediate ViT embeddings)
+
+    def _decoder_inputs(self):
+        embeddings, intermediate = self.features
+        return {"image_embeddings": embeddings, "intermediate_embeddings": intermediate, "hq_token_only": False}
+
+    def _to_input_frame(self, boxes):
+        p = self.processor
+        return p._normalize_coordinates(p.target_size, boxes, self.original_size, is_bounding_box=True)
+
+    def _upsample(self, low_res_logits):
+        return self.processor.post_process_masks([low_res_logits], [self.original_size],
+                                                 [tuple(int(v) for v in self.inputs["reshaped_input_sizes"][0])],
+                                                 binarize=False)[0]
