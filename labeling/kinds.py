@@ -74,7 +74,8 @@ def _hf_segmenter(default_cls_name):
 
         s, p = preset.segmenter, preset
         return (cls or getattr(segmenter_hf, default_cls_name))(
-            s.model, revision=s.revision, device=p.device, precision=p.precision, boxes_per_call=s.boxes_per_call)
+            s.model, revision=s.revision, device=p.device, precision=p.precision, boxes_per_call=s.boxes_per_call,
+            min_region_area=s.min_region_area)
 
     return build
 

@@ -202,28 +202,41 @@ class SamTeacher:
         )
         return (up[:, 0] > self.mask_threshold).cpu().numpy()
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[list[dict], np.ndarray]:
-        """Masks for ``boxes`` (float32 ``(N, 4)`` xyxy pixels) on RGB uint8 ``image`` ``(H, W, 3)``.
+    def reset(self) -> None:
+        """Forget the embedded image."""
+        self.predictor.reset_image()
 
-        Returns:
-            ``N`` compressed COCO RLE dicts (``size == [H, W]``, ``counts`` bytes), cleaned by
-            :func:`remove_small_regions` at ``min_region_area``, and float32 ``(N,)``
-            SAM-predicted IoU (of the raw mask) clipped to [0, 1]. No boxes, no encoder run.
-        """
-        n = len(boxes)
-        if n == 0:
-            return [], np.zeros(0, np.float32)
-        self.embed(image)
-        rles, ious = [], []
-        for s in range(0, n, self.boxes_per_call):
-            low_res, iou = self.decode(self.input_boxes(boxes[s : s + self.boxes_per_call]))
-            masks = self.postprocess(low_res)
-            if self.min_region_area > 0:
-                masks = np.stack([remove_small_regions(m, self.min_region_area) for m in masks])
+    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[list[dict], np.ndarray]:
+        """:func:`masks_for_boxes` of this teacher."""
+        return masks_for_boxes(self, image, boxes)
+
+
+def masks_for_boxes(teacher, image: np.ndarray, boxes: np.ndarray) -> tuple[list[dict], np.ndarray]:
+    """Masks for ``boxes`` (float32 ``(N, 4)`` xyxy pixels) on RGB uint8 ``image`` ``(H, W, 3)``
+    by a segmenter with SAM's steps (``embed``, ``input_boxes``, ``decode``, ``postprocess``,
+    ``reset``; attributes ``boxes_per_call``, ``min_region_area``): every SAM kind's ``__call__``.
+
+    Returns:
+        ``N`` compressed COCO RLE dicts (``size == [H, W]``, ``counts`` bytes), cleaned by
+        :func:`remove_small_regions` at ``min_region_area``, and float32 ``(N,)`` predicted IoU
+        (of the raw mask) clipped to [0, 1]. No boxes, no encoder run.
+    """
+    n = len(boxes)
+    if n == 0:
+        return [], np.zeros(0, np.float32)
+    teacher.embed(image)
+    rles, ious = [], []
+    try:
+        for s in range(0, n, teacher.boxes_per_call):
+            low_res, iou = teacher.decode(teacher.input_boxes(boxes[s : s + teacher.boxes_per_call]))
+            masks = teacher.postprocess(low_res)
+            if teacher.min_region_area > 0:
+                masks = np.stack([remove_small_regions(m, teacher.min_region_area) for m in masks])
             rles.extend(encode_masks(masks))
             ious.append(iou[:, 0].numpy())
-        self.predictor.reset_image()
-        return rles, np.clip(np.concatenate(ious), 0.0, 1.0).astype(np.float32)
+    finally:
+        teacher.reset()
+    return rles, np.clip(np.concatenate(ious), 0.0, 1.0).astype(np.float32)
 
 
 def remove_small_regions(mask: np.ndarray, min_area: int) -> np.ndarray:

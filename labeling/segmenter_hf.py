@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from distillery.labeling.detector import DTYPES, resolve_device
-from distillery.labeling.segmenter import encode_masks
+from distillery.labeling.segmenter import MIN_REGION_AREA, masks_for_boxes
 
 
 class HFSegmenter:
@@ -43,6 +43,8 @@ class HFSegmenter:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         precision: ``"fp32"``, ``"fp16"``, ``"bf16"`` (autocast, GPU only).
         boxes_per_call: boxes decoded per mask-decoder call.
+        min_region_area: px; SAM's small-region clean-up of every mask, as ``SamTeacher``'s
+            (:func:`~distillery.labeling.segmenter.remove_small_regions`; 0 turns it off).
 
     Raises:
         ValueError: the model or its processor cannot be loaded, or its ``config.model_type``
@@ -58,9 +60,12 @@ class HFSegmenter:
     model_type: str = ""
 
     def __init__(self, model: str, *, revision: str | None = None, device: str = "auto",
-                 precision: str = "fp32", boxes_per_call: int = 32) -> None:
+                 precision: str = "fp32", boxes_per_call: int = 32, min_region_area: int = MIN_REGION_AREA) -> None:
         import transformers
 
+        if int(min_region_area) < 0:
+            raise ValueError(f"min_region_area must be >= 0 px, got {min_region_area}")
+        self.min_region_area = int(min_region_area)
         self.device = resolve_device(device)
         try:
             config = transformers.AutoConfig.from_pretrained(model, revision=revision)
@@ -157,23 +162,9 @@ class HFSegmenter:
         self.features, self.inputs = None, None
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[list[dict], np.ndarray]:
-        """Masks for ``boxes`` (float32 ``(N, 4)`` xyxy pixels) on RGB uint8 ``image`` ``(H, W, 3)``.
-
-        Returns:
-            ``N`` compressed COCO RLE dicts (``size == [H, W]``, ``counts`` bytes) and float32
-            ``(N,)`` predicted IoU clipped to [0, 1]. No boxes, no encoder run.
-        """
-        n = len(boxes)
-        if n == 0:
-            return [], np.zeros(0, np.float32)
-        self.embed(image)
-        rles, ious = [], []
-        for s in range(0, n, self.boxes_per_call):
-            low_res, iou = self.decode(self.input_boxes(boxes[s : s + self.boxes_per_call]))
-            rles.extend(encode_masks(self.postprocess(low_res)))
-            ious.append(iou[:, 0].numpy())
-        self.reset()
-        return rles, np.clip(np.concatenate(ious), 0.0, 1.0).astype(np.float32)
+        """:func:`~distillery.labeling.segmenter.masks_for_boxes` of this teacher (SAM's loop and
+        small-region clean-up)."""
+        return masks_for_boxes(self, image, boxes)
 
 
 class Sam2Teacher(HFSegmenter):

@@ -45,7 +45,7 @@ def kind_presets(tmp_path_factory) -> dict:
     for kind in KINDS:
         d = tmp_path_factory.mktemp(kind)
         r = CliRunner().invoke(main, ["teachers", "tiny", str(d), "--kind", kind])
-        assert r.exit_code == 0 and f"({kind} detector)" in r.output, r.output
+        assert r.exit_code == 0 and f"({kind} detector, sam segmenter)" in r.output, r.output
         out[kind] = d / "teachers.yaml"
     return out
 
