@@ -116,6 +116,14 @@ def merge_class_aware(
     return keep, kept
 
 
+def check_precision_and_merge(precision: str, merge: str) -> None:
+    """The settings every detector kind shares. Raises ValueError naming the allowed values."""
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
+    if merge not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}, got {merge!r}")
+
+
 class GroundingDinoTeacher:
     """Grounding DINO boxes with a soft score per ontology class.
 
@@ -174,10 +182,7 @@ class GroundingDinoTeacher:
         reuse_image_features: bool = True,
     ) -> None:
         self.device = resolve_device(device)
-        if precision not in DTYPES:
-            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
-        if merge not in MERGE_MODES:
-            raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}, got {merge!r}")
+        check_precision_and_merge(precision, merge)
         self.merge = merge
         self.dtype = DTYPES[precision] if self.device.type == "cuda" else torch.float32
         self.processor, self.model = self.load(model, revision, adapter)

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torchvision.ops import box_convert, clip_boxes_to_image
 
-from distillery.labeling.detector import DTYPES, MERGE_MODES, Detections, merge_agnostic, merge_class_aware, \
-    resolve_device
+from distillery.labeling.detector import (DTYPES, Detections, check_precision_and_merge, merge_agnostic,
+                                         merge_class_aware, resolve_device)
 from distillery.labeling.ontology import Ontology, OntologyError
 
 
@@ -91,10 +91,7 @@ class Owlv2Teacher:
         adapter: str | None = None,
         queries_per_call: int = QUERIES_PER_CALL,
     ) -> None:
-        if precision not in DTYPES:
-            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
-        if merge not in MERGE_MODES:
-            raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}, got {merge!r}")
+        check_precision_and_merge(precision, merge)
         if image_size is not None:
             raise ValueError("detector.image_size does not apply to kind owlv2 (its input is the model config's "
                              "square); remove the key")

@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from distillery.engine.cli import main
@@ -27,19 +26,6 @@ from distillery.labeling.ontology import Ontology
 from distillery.labeling.teachers import TeacherPreset, labelset_spec
 
 CLASSES = "person,car,giraffe"
-
-
-@pytest.fixture(scope="module")
-def preset_path(tiny_teachers, tmp_path_factory):
-    """Tiny teachers, at most 8 boxes per image, one image per detector forward (bit-reproducible)."""
-    data = yaml.safe_load(Path(tiny_teachers).read_text())
-    data["detector"]["max_detections"] = 8
-    data["detector"]["batch_size"] = 1
-    data["detector"]["model"] = str(Path(tiny_teachers).parent / "grounding-dino")
-    data["segmenter"]["checkpoint"] = str(Path(tiny_teachers).parent / "sam_vit_tiny.pth")
-    p = tmp_path_factory.mktemp("preset") / "teachers.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
 
 
 @pytest.fixture(scope="module")

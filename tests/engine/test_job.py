@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from distillery.engine.job import run_label_job
 from distillery.engine.store import LabelStore
@@ -20,19 +19,6 @@ from distillery.labeling.ontology import Ontology
 from distillery.labeling.teachers import TeacherPreset, labelset_spec, teacher_stages
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def preset_path(tiny_teachers, tmp_path_factory):
-    """Tiny teachers, at most 8 boxes per image, one image per detector forward (bit-reproducible)."""
-    data = yaml.safe_load(Path(tiny_teachers).read_text())
-    data["detector"]["max_detections"] = 8
-    data["detector"]["batch_size"] = 1
-    data["detector"]["model"] = str(Path(tiny_teachers).parent / "grounding-dino")
-    data["segmenter"]["checkpoint"] = str(Path(tiny_teachers).parent / "sam_vit_tiny.pth")
-    p = tmp_path_factory.mktemp("preset") / "teachers.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
 
 
 @pytest.fixture(scope="module")
