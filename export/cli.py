@@ -55,15 +55,14 @@ def _calibration_paths(store, labelset, images_dir, calib_images) -> list[str]:
 
 @click.group("export")
 def export() -> None:
-    """Export the student: ONNX, calibrated INT8 (Q/DQ), per-device TensorRT engines, checks.
+    """Export the student: ONNX, calibrated INT8 (Q/DQ), OpenVINO (FP32, INT8), per-device TensorRT engines, checks.
 
     \b
     distillery export onnx   --model runs/NAME/weights/best.pt --imgsz 640 --out student.onnx
     distillery export int8   --model student.onnx --store store/ --calib-images 512 --out student.int8.onnx
     distillery export openvino --model student.onnx --precision int8 --store store/ --calib-images 512 --out student_int8_openvino_model
     distillery export engine --model student.int8.trt.onnx --device-profile jetson-orin-nx --out student.orin.engine
-    distillery export check  --onnx student.onnx --int8 student.int8.onnx --openvino student_openvino_model \
-                             --openvino-int8 student_int8_openvino_model --gt annotations.json --images DIR
+    distillery export check  --onnx student.onnx --int8 student.int8.onnx --openvino student_openvino_model --openvino-int8 student_int8_openvino_model --gt annotations.json --images DIR
     """
 
 
