@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--method", default="minmax")
     ap.add_argument("--threads", type=int, default=0, help="threads of every runtime (0: each one's default, all cores)")
-    ap.add_argument("--ov-head", default="int8", choices=["fp32", "outputs", "int8"], help="OpenVINO INT8 --head")
+    ap.add_argument("--ov-head", default="outputs", choices=["fp32", "outputs", "int8"], help="OpenVINO INT8 --head")
     ap.add_argument("--ov-preset", default="mixed", choices=["mixed", "performance"], help="OpenVINO INT8 NNCF preset")
     ap.add_argument("--skip-check", action="store_true", help="latency only, no export check")
     args = ap.parse_args()

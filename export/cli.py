@@ -136,7 +136,7 @@ def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, he
               help="int8: or calibrate on a folder of in-domain images.")
 @click.option("--calib-images", type=click.IntRange(min=1), default=None, help="int8: calibration images [default: 512].")
 @click.option("--head", type=click.Choice(["fp32", "outputs", "int8"]), default=None,
-              help="int8: detection/mask head precision, as in `export int8` [default: int8].")
+              help="int8: detection/mask head precision, as in `export int8` [default: outputs].")
 @click.option("--preset", type=click.Choice(["mixed", "performance"]), default=None,
               help="int8: NNCF preset, mixed (asymmetric activations) or performance (symmetric) [default: mixed].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OpenVINO model folder at --out.")
@@ -156,7 +156,7 @@ def export_openvino_cmd(model, precision, store, labelset, images_dir, calib_ima
     check_output(out, overwrite)  # before calibration images are read
     paths = _calibration_paths(store, labelset, images_dir, calib_images or 512) if precision == "int8" else None
     try:
-        r = export_openvino(model, out, precision=precision, images=paths, head=head or "int8",
+        r = export_openvino(model, out, precision=precision, images=paths, head=head or "outputs",
                             preset=preset or "mixed", overwrite=overwrite)
     except OpenVinoMissing as e:
         raise UserError(str(e)) from e
@@ -164,7 +164,7 @@ def export_openvino_cmd(model, precision, store, labelset, images_dir, calib_ima
     click.echo(f"wrote {r['path']} ({precision}): {Path(r['xml']).name}, {ir['layers']} layers, {ir['FakeQuantize']} "
                f"FakeQuantize, {ir['low_precision_constants']} INT8 constants")
     if precision == "int8":
-        click.echo(f"calibrated on {r['calibration_images']} images (NNCF, {preset or 'mixed'}); head {head or 'int8'}: "
+        click.echo(f"calibrated on {r['calibration_images']} images (NNCF, {preset or 'mixed'}); head {head or 'outputs'}: "
                    f"{r['ignored_ops']} operations kept in floating point")
 
 

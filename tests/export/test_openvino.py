@@ -21,8 +21,8 @@ pytest.importorskip("nncf", reason="the openvino extra is not installed: pip ins
 
 @pytest.fixture(scope="module")
 def ov_models(student, exported, tmp_path_factory):
-    """The FP32 folder and the INT8 folders of --head int8 (the default) and fp32, calibrated on
-    the label set's 8 images (the calibration of the ONNX Runtime INT8 tests)."""
+    """The FP32 folder and the INT8 folders of each --head mode (outputs: the default),
+    calibrated on the label set's 8 images (the calibration of the ONNX Runtime INT8 tests)."""
     from distillery.export.int8 import calibration_images
     from distillery.export.openvino import export_openvino
 
@@ -30,10 +30,11 @@ def ov_models(student, exported, tmp_path_factory):
     d = tmp_path_factory.mktemp("openvino")
     paths = calibration_images(ls, n=8)
     return {"fp32": export_openvino(exported, d / "student_openvino_model"),
-            "int8": export_openvino(exported, d / "student_int8_openvino_model", precision="int8", images=paths,
-                                    head="int8"),
+            "int8": export_openvino(exported, d / "student_int8_openvino_model", precision="int8", images=paths),
             "int8-head-fp32": export_openvino(exported, d / "headfp32_int8_openvino_model", precision="int8",
-                                              images=paths, head="fp32")}
+                                              images=paths, head="fp32"),
+            "int8-head-int8": export_openvino(exported, d / "headint8_int8_openvino_model", precision="int8",
+                                              images=paths, head="int8")}
 
 
 def _raw(path_or_folder, xs):
@@ -108,10 +109,12 @@ def test_fp32_loads_in_yolo_and_matches_onnx(exported, ov_models, photos):
 def test_int8_ir_holds_quantized_operations(ov_models):
     """NNCF's INT8 IR has FakeQuantize layers on activations and INT8 weight constants; the FP32
     IR, counted the same way, has none (so the count can fail). --head fp32 leaves the head's
-    operations unquantized: no FakeQuantize under /model.22/, where --head int8 has many."""
+    operations unquantized: no FakeQuantize under /model.22/, where --head int8 has many, and
+    --head outputs some."""
+    import re
     import xml.etree.ElementTree as ET
 
-    for key in ("int8", "int8-head-fp32"):
+    for key in ("int8", "int8-head-fp32", "int8-head-int8"):
         ir = ov_models[key]["ir"]
         assert ir["FakeQuantize"] > 50 and ir["low_precision_constants"] > 40, (key, ir)
     assert ov_models["fp32"]["ir"]["FakeQuantize"] == ov_models["fp32"]["ir"]["low_precision_constants"] == 0
@@ -122,8 +125,15 @@ def test_int8_ir_holds_quantized_operations(ov_models):
                 if layer.get("type") == "FakeQuantize" and layer.get("name").startswith("/model.22/")]
 
     assert fq_in_head(ov_models["int8-head-fp32"]) == [] and ov_models["int8-head-fp32"]["ignored_ops"] > 100
-    assert len(fq_in_head(ov_models["int8"])) > 20 and ov_models["int8"]["ignored_ops"] == 0
-    assert ov_models["int8"]["ir"]["FakeQuantize"] > ov_models["int8-head-fp32"]["ir"]["FakeQuantize"]
+    assert len(fq_in_head(ov_models["int8-head-int8"])) > 20 and ov_models["int8-head-int8"]["ignored_ops"] == 0
+    # --head outputs (default): the inner convs of the branches are quantized, the output convs
+    # (cv2/cv3/cv4.<level>.2), the DFL and box decoding are not
+    outputs = fq_in_head(ov_models["int8"])
+    assert 0 < ov_models["int8"]["ignored_ops"] < ov_models["int8-head-fp32"]["ignored_ops"]
+    assert any("/cv3.0/cv3.0.1/" in n for n in outputs), outputs
+    assert not [n for n in outputs if re.search(r"/cv[234]\.\d\.2/|/dfl/|/proto/cv3/", n)], outputs
+    counts = [ov_models[k]["ir"]["FakeQuantize"] for k in ("int8-head-fp32", "int8", "int8-head-int8")]
+    assert counts == sorted(counts) and len(set(counts)) == 3, counts
 
 
 def test_int8_outputs_stay_close_to_fp32_on_photos(student, exported, ov_models, coco128):
@@ -131,7 +141,9 @@ def test_int8_outputs_stay_close_to_fp32_on_photos(student, exported, ov_models,
     (boxes in px, class scores as logits, mask coefficients, prototypes): RMS of INT8 - FP32 over
     the RMS of FP32's variation across the photos, the measure of the ONNX Runtime INT8 test.
     Bound: noise below the signal (1.0), as for the ONNX Runtime artifacts (measured there:
-    0.40-0.74; here see the printed line)."""
+    0.40-0.74). Measured here: --head outputs (default) 0.33-0.41, --head fp32 0.31-0.40,
+    --head int8 0.34-0.88 (boxes: the DFL and box decoding quantized), which is why the default
+    keeps the head's outputs in FP32: its boxes must stay within 0.6 of the signal."""
     from distillery.export.int8 import calibration_images
     from distillery.export.onnx import preprocess
 
@@ -148,11 +160,13 @@ def test_int8_outputs_stay_close_to_fp32_on_photos(student, exported, ov_models,
     fp = named(_raw(ov_models["fp32"]["path"], xs))
     signal = {k: np.sqrt(((v - v.mean(0)) ** 2).mean()) for k, v in fp.items()}
     assert signal["boxes"] > 0.5 and min(signal.values()) > 0.01, signal
-    for key in ("int8", "int8-head-fp32"):
+    for key in ("int8", "int8-head-fp32", "int8-head-int8"):
         q = named(_raw(ov_models[key]["path"], xs))
         r = {k: float(np.sqrt(((q[k] - fp[k]) ** 2).mean()) / signal[k]) for k in fp}
         print(f"\nOpenVINO {key}: INT8 error / signal " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
         assert max(r.values()) < 1.0, (key, r)
+        if key != "int8-head-int8":
+            assert r["boxes"] < 0.6, (key, r)
 
 
 def test_cli_export_openvino_and_check_side_by_side(student, exported, tmp_path, coco128):
@@ -166,7 +180,7 @@ def test_cli_export_openvino_and_check_side_by_side(student, exported, tmp_path,
     assert r.exit_code == 0 and "0 FakeQuantize" in r.output, r.output
     r = run(main, ["export", "openvino", "--model", str(exported), "--precision", "int8", "--store", str(d / "store"),
                    "--calib-images", "8", "--out", str(tmp_path / "s_int8_openvino_model")])
-    assert r.exit_code == 0 and "calibrated on 8 images (NNCF, mixed); head int8" in r.output, r.output
+    assert r.exit_code == 0 and "calibrated on 8 images (NNCF, mixed); head outputs" in r.output, r.output
     q = quantize(exported, tmp_path / "s.int8.onnx", calibration_images(ls, n=8))["cpu"]
     r = run(main, ["export", "check", "--onnx", str(exported), "--int8", q, "--openvino", str(tmp_path / "s_openvino_model"),
                    "--openvino-int8", str(tmp_path / "s_int8_openvino_model"), "--gt", str(d / "gt.json"),
