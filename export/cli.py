@@ -1,4 +1,4 @@
-"""``distillery export onnx|int8|engine|check``."""
+"""``distillery export onnx|int8|openvino|engine|check``."""
 
 from __future__ import annotations
 
@@ -7,22 +7,62 @@ from pathlib import Path
 
 import click
 
-from distillery.engine.cli_errors import fail_cleanly
+from distillery.engine.cli_errors import UserError, fail_cleanly
 from distillery.engine.cli_types import Checkpoint, CocoJson, Config, ImageFolder, Output, Store, StudentOnnx
 
 
 _errors = fail_cleanly
 
 
+class OpenVinoFolder(click.ParamType):
+    """An OpenVINO segmentation student folder (``NAME_openvino_model/``), checked while the
+    command line is parsed (:func:`distillery.export.openvino.openvino_folder`)."""
+
+    name = "dir"
+
+    def __init__(self, precision: str):
+        self.precision = precision
+
+    def convert(self, value, param, ctx):
+        from distillery.engine.filekinds import FileKindError
+        from distillery.export.openvino import folder_metadata
+
+        name = max(param.opts, key=len) if param is not None else ""
+        try:
+            got = folder_metadata(str(value), name).get("distillery_precision")
+        except FileKindError as e:
+            raise UserError(str(e)) from e
+        if got not in (None, self.precision):
+            raise UserError(f"{name} {value} is the OpenVINO {got} model; give the {self.precision} one (its "
+                            f"metadata.yaml says distillery_precision: {self.precision})")
+        return str(value)
+
+
+def _calibration_paths(store, labelset, images_dir, calib_images) -> list[str]:
+    """The calibration images of ``export int8`` and ``export openvino --precision int8``: from
+    exactly one of a label set (--store/--labelset) or a folder (--images)."""
+    from distillery.export.int8 import calibration_images
+
+    if (store is None) == (images_dir is None):
+        raise click.UsageError("give exactly one calibration source: --store (a label set) or --images (a folder)")
+    ls = None
+    if store:
+        from distillery.engine.store import LabelStore
+
+        ls = LabelStore(store).open(labelset)
+    return calibration_images(ls, images_dir, calib_images)
+
+
 @click.group("export")
 def export() -> None:
-    """Export the student: ONNX, calibrated INT8 (Q/DQ), per-device TensorRT engines, checks.
+    """Export the student: ONNX, calibrated INT8 (Q/DQ), OpenVINO (FP32, INT8), per-device TensorRT engines, checks.
 
     \b
     distillery export onnx   --model runs/NAME/weights/best.pt --imgsz 640 --out student.onnx
     distillery export int8   --model student.onnx --store store/ --calib-images 512 --out student.int8.onnx
+    distillery export openvino --model student.onnx --precision int8 --store store/ --calib-images 512 --out student_int8_openvino_model
     distillery export engine --model student.int8.trt.onnx --device-profile jetson-orin-nx --out student.orin.engine
-    distillery export check  --model best.pt --onnx student.onnx --int8 student.int8.onnx --gt annotations.json --images DIR
+    distillery export check  --onnx student.onnx --int8 student.int8.onnx --openvino student_openvino_model --openvino-int8 student_int8_openvino_model --gt annotations.json --images DIR
     """
 
 
@@ -73,16 +113,9 @@ def export_onnx_cmd(model, imgsz, batch, opset, out, check_images):
 def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, head, exclude, out):
     """Calibrate once, write INT8 Q/DQ ONNX for ONNX Runtime CPU (unsigned activations) and
     for TensorRT (signed symmetric), head in FP32 by default."""
-    from distillery.export.int8 import calibration_images, qdq_counts, quantize
+    from distillery.export.int8 import qdq_counts, quantize
 
-    if (store is None) == (images_dir is None):
-        raise click.UsageError("give exactly one calibration source: --store (a label set) or --images (a folder)")
-    ls = None
-    if store:
-        from distillery.engine.store import LabelStore
-
-        ls = LabelStore(store).open(labelset)
-    paths = calibration_images(ls, images_dir, calib_images)
+    paths = _calibration_paths(store, labelset, images_dir, calib_images)
     keep = {"fp32": True, "outputs": "outputs", "int8": False}[head]
     r = quantize(model, out, paths, method=method, keep_head_fp32=keep, exclude=list(exclude))
     for target in ("cpu", "tensorrt"):
@@ -90,6 +123,49 @@ def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, he
         click.echo(f"{target:9} {r[target]}: {q['QuantizeLinear']} QuantizeLinear / {q['DequantizeLinear']} "
                    f"DequantizeLinear, activations {'/'.join(q['activation_zero_point_dtypes'])}")
     click.echo(f"calibrated on {r['calibration_images']} images ({method}); {r['excluded_nodes']} nodes kept in FP32")
+
+
+@export.command("openvino")
+@click.option("--model", required=True, type=StudentOnnx(), help="FP32 ONNX written by `distillery export onnx`.")
+@click.option("--precision", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="fp32, or int8 (NNCF post-training quantization, calibrated as `export int8` is).")
+@click.option("--store", type=Store(), default=None, help="int8: calibrate on a label set's images.")
+@click.option("--labelset", default=None, metavar="NAME|ID",
+              help="With --store: label set name, id or unique id prefix (default: the store's only one).")
+@click.option("--images", "images_dir", type=ImageFolder(), default=None,
+              help="int8: or calibrate on a folder of in-domain images.")
+@click.option("--calib-images", type=click.IntRange(min=1), default=None, help="int8: calibration images [default: 512].")
+@click.option("--head", type=click.Choice(["fp32", "outputs", "int8"]), default=None,
+              help="int8: detection/mask head precision, as in `export int8` [default: outputs].")
+@click.option("--preset", type=click.Choice(["mixed", "performance"]), default=None,
+              help="int8: NNCF preset, mixed (asymmetric activations) or performance (symmetric) [default: mixed].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OpenVINO model folder at --out.")
+@click.option("--out", required=True, type=Output(folder=True, example="student_openvino_model"),
+              help="Folder NAME_openvino_model/ (the name ultralytics' YOLO() recognises).")
+@_errors
+def export_openvino_cmd(model, precision, store, labelset, images_dir, calib_images, head, preset, overwrite, out):
+    """OpenVINO IR for x86 CPUs and Intel GPUs/NPUs, in a folder ultralytics' YOLO() loads:
+    FP32, or INT8 through NNCF on the same calibration images and preprocessing as `export int8`."""
+    from distillery.export.openvino import OpenVinoMissing, check_output, export_openvino
+
+    int8_only = {"--store": store, "--labelset": labelset, "--images": images_dir, "--calib-images": calib_images,
+                 "--head": head, "--preset": preset}
+    if precision == "fp32" and any(v is not None for v in int8_only.values()):
+        given = ", ".join(k for k, v in int8_only.items() if v is not None)
+        raise click.UsageError(f"{given}: for --precision int8 only (FP32 needs no calibration)")
+    check_output(out, overwrite)  # before calibration images are read
+    paths = _calibration_paths(store, labelset, images_dir, calib_images or 512) if precision == "int8" else None
+    try:
+        r = export_openvino(model, out, precision=precision, images=paths, head=head or "outputs",
+                            preset=preset or "mixed", overwrite=overwrite)
+    except OpenVinoMissing as e:
+        raise UserError(str(e)) from e
+    ir = r["ir"]
+    click.echo(f"wrote {r['path']} ({precision}): {Path(r['xml']).name}, {ir['layers']} layers, {ir['FakeQuantize']} "
+               f"FakeQuantize, {ir['low_precision_constants']} INT8 constants")
+    if precision == "int8":
+        click.echo(f"calibrated on {r['calibration_images']} images (NNCF, {preset or 'mixed'}); head {head or 'outputs'}: "
+                   f"{r['ignored_ops']} operations kept in floating point")
 
 
 @export.command("engine")
@@ -119,24 +195,37 @@ def export_engine_cmd(model, device_profile, out):
 @click.option("--int8", "int8", default=None, help="INT8 ONNX (CPU artifact).",
               type=StudentOnnx(refuse_target="tensorrt", hint="give the CPU INT8 .onnx written by `distillery export int8` "
                                                                "(its *.trt.onnx is for TensorRT)"))
+@click.option("--openvino", "ov_fp32", type=OpenVinoFolder("fp32"), default=None,
+              help="OpenVINO FP32 folder (`distillery export openvino`).")
+@click.option("--openvino-int8", "ov_int8", type=OpenVinoFolder("int8"), default=None,
+              help="OpenVINO INT8 folder (`distillery export openvino --precision int8`).")
 @click.option("--gt", "gt_path", required=True, type=CocoJson())
 @click.option("--images", "images_dir", required=True, type=ImageFolder())
 @click.option("--imgsz", type=click.IntRange(min=32), default=None, help="Default: the ONNX's input size, else 640.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N GT images only.")
 @click.option("--out", type=Output(folder=False, example="check.json"), default=None, help="Write the report JSON here.")
 @_errors
-def export_check_cmd(pt, fp32, int8, gt_path, images_dir, imgsz, limit, out):
-    """PyTorch vs FP32 ONNX vs INT8 ONNX on the same images: mAP, INT8 agreement, latency."""
+def export_check_cmd(pt, fp32, int8, ov_fp32, ov_int8, gt_path, images_dir, imgsz, limit, out):
+    """PyTorch, ONNX Runtime FP32 and INT8, OpenVINO FP32 and INT8 on the same images: mAP, and
+    against the FP32 ONNX: mAP drop, agreement, speed-up."""
     from distillery.engine.evaluation import load_gt
     from distillery.export.check import export_check, format_report, image_list
     from distillery.export.onnx import metadata
 
-    models = {k: v for k, v in (("pytorch", pt), ("fp32", fp32), ("int8", int8)) if v}
+    models = {k: v for k, v in (("pytorch", pt), ("fp32", fp32), ("int8", int8), ("openvino-fp32", ov_fp32),
+                                ("openvino-int8", ov_int8)) if v}
     if not models:
-        raise click.UsageError("give at least one of --model, --onnx, --int8")
+        raise click.UsageError("give at least one of --model, --onnx, --int8, --openvino, --openvino-int8")
     if imgsz is None:
-        onnx_any = fp32 or int8
-        imgsz = int(json.loads(metadata(onnx_any).get("imgsz", "[640]"))[0]) if onnx_any else 640
+        onnx_any, ov_any = fp32 or int8, ov_fp32 or ov_int8
+        if onnx_any:
+            imgsz = int(json.loads(metadata(onnx_any).get("imgsz", "[640]"))[0])
+        elif ov_any:
+            from distillery.export.openvino import folder_metadata
+
+            imgsz = int(folder_metadata(ov_any).get("imgsz", [640])[0])
+        else:
+            imgsz = 640
     gt = load_gt(gt_path)
     paths = image_list(images_dir, gt, limit)
     if not paths:

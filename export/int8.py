@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,24 +76,36 @@ def calibration_images(labelset: LabelSet | None = None, folder: str | None = No
     return sorted(paths, key=key)[:n]
 
 
+def calibration_batches(paths: list[str], imgsz: int, batch: int = 1) -> Iterator[np.ndarray]:
+    """The calibration feed shared by every INT8 target (ONNX Runtime here, NNCF in
+    :mod:`distillery.export.openvino`): float32 ``(batch, 3, imgsz, imgsz)`` arrays, ``batch``
+    images at a time in ``paths`` order, each read with the inference preprocessing
+    (:func:`distillery.export.onnx.preprocess`). ``len(paths)`` must be a multiple of ``batch``
+    (the model's fixed batch; callers check it).
+
+    Raises:
+        CalibrationError: an image cannot be read (it was readable when :func:`check_readable`
+            ran: it changed since).
+    """
+    for i in range(0, len(paths), batch):
+        try:
+            yield np.concatenate([preprocess(p, imgsz) for p in paths[i:i + batch]], axis=0)
+        except ValueError as e:
+            raise CalibrationError(f"calibration image {e}; calibration stopped") from e
+
+
 def _reader(paths: list[str], input_name: str, imgsz: int, batch: int = 1):
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
-        """Yields ``{input_name: float32 (batch, 3, imgsz, imgsz)}``: ``batch`` images at a time
-        (the ONNX's fixed batch; ``len(paths)`` is a multiple of it), inference preprocessing."""
+        """ONNX Runtime's view of :func:`calibration_batches`: ``{input_name: batch}`` dicts."""
 
         def __init__(self):
-            self.groups = iter([paths[i:i + batch] for i in range(0, len(paths), batch)])
+            self.batches = calibration_batches(paths, imgsz, batch)
 
         def get_next(self):
-            group = next(self.groups, None)
-            if group is None:
-                return None
-            try:
-                return {input_name: np.concatenate([preprocess(p, imgsz) for p in group], axis=0)}
-            except ValueError as e:  # readable a moment ago (check_readable): changed since
-                raise CalibrationError(f"calibration image {e}; calibration stopped") from e
+            x = next(self.batches, None)
+            return None if x is None else {input_name: x}
 
     return Reader()
 
@@ -163,25 +176,76 @@ def _fp32_inputs_for_excluded(model, excluded: set[str]) -> int:
 HEAD_INNER = r"/cv[234]\.\d+/cv[234]\.\d+\.[01]/|/proto/(cv1|upsample|cv2)/"
 
 
-def head_nodes(onnx_path: str | Path, prefix: str | None = None, keep: str = "all") -> list[str]:
-    """Names of the head's nodes to keep in FP32: under the head prefix (default: the file's
-    ``distillery_head`` metadata, else the highest ``/model.N/``); ``keep="outputs"`` leaves out
-    the inner convs matched by :data:`HEAD_INNER` (so they are quantized)."""
+def head_prefix(onnx_path: str | Path, names: list[str] | None = None) -> str:
+    """The node-name prefix of the detection/mask head: the file's ``distillery_head`` metadata
+    (written by :func:`distillery.export.onnx.export_onnx`), else the highest ``/model.N/`` among
+    ``names`` (default: the ONNX graph's node names)."""
+    prefix = metadata(onnx_path).get("distillery_head")
+    if prefix is not None:
+        return prefix
+    if names is None:
+        import onnx
+
+        names = [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node]
+    idx = [int(n.split("/")[1].split(".")[1]) for n in names if n.startswith("/model.") and n.split("/")[1][6:].isdigit()]
+    return f"/model.{max(idx)}/" if idx else "/"
+
+
+def select_head(names: list[str], prefix: str, keep: str = "all") -> list[str]:
+    """The ``names`` under the head ``prefix``; ``keep="outputs"`` leaves out the inner convs
+    matched by :data:`HEAD_INNER` (so they are quantized). Works on ONNX node names and on
+    OpenVINO operation names converted from them (OpenVINO's ONNX front end keeps the node
+    name, e.g. ``/model.22/cv2.0/cv2.0.2/Conv`` and ``.../Conv/WithoutBiases``)."""
     import re
 
-    import onnx
-
-    m = onnx.load(str(onnx_path), load_external_data=False)
-    names = [n.name for n in m.graph.node]
-    if prefix is None:
-        prefix = metadata(onnx_path).get("distillery_head")
-    if prefix is None:
-        idx = [int(n.split("/")[1].split(".")[1]) for n in names if n.startswith("/model.") and n.split("/")[1][6:].isdigit()]
-        prefix = f"/model.{max(idx)}/" if idx else "/"
     nodes = [n for n in names if n.startswith(prefix)]
     if keep == "outputs":
         nodes = [n for n in nodes if not re.search(HEAD_INNER, n)]
     return nodes
+
+
+def head_nodes(onnx_path: str | Path, prefix: str | None = None, keep: str = "all") -> list[str]:
+    """Names of the head's ONNX nodes to keep in FP32: under the head prefix (default:
+    :func:`head_prefix`); ``keep="outputs"`` as in :func:`select_head`."""
+    import onnx
+
+    names = [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node]
+    return select_head(names, prefix if prefix is not None else head_prefix(onnx_path, names), keep)
+
+
+def check_not_quantized(onnx_in: str | Path, model=None) -> None:
+    """Refuse an ONNX that already has Q/DQ nodes (an INT8 artifact): quantizing it again hangs
+    in ONNX Runtime, and converting it would give an "FP32" export that is INT8.
+
+    Raises:
+        ValueError: naming the file and the FP32 ONNX to give instead.
+    """
+    import onnx
+
+    m = model if model is not None else onnx.load(str(onnx_in), load_external_data=False)
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node):
+        raise ValueError(f"{onnx_in} is already quantized (it has QuantizeLinear/DequantizeLinear nodes); give the "
+                         "FP32 ONNX written by `distillery export onnx`")
+
+
+def fp32_fixed_input(onnx_in: str | Path, model=None) -> tuple[str, int, int]:
+    """``(input name, imgsz, batch)`` of an FP32 student ONNX with a fixed square input, as
+    INT8 calibration needs (``model``: the loaded ``onnx.ModelProto``, else it is loaded).
+
+    Raises:
+        ValueError: ``onnx_in`` is already quantized (:func:`check_not_quantized`), or its input
+            is dynamic or not square, naming the file and what to export instead.
+    """
+    import onnx
+
+    m = model if model is not None else onnx.load(str(onnx_in), load_external_data=False)
+    check_not_quantized(onnx_in, m)
+    inp = m.graph.input[0]
+    dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    if len(dims) != 4 or not all(dims) or dims[2] != dims[3]:
+        raise ValueError(f"{onnx_in}: INT8 calibration needs a fixed square input (export with a fixed --batch); "
+                         f"got input shape {dims}")
+    return inp.name, dims[2], dims[0]
 
 
 def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: str = "minmax",
@@ -226,16 +290,7 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
         raise ValueError(f"{out} would overwrite the input model {onnx_in}; write the INT8 model to another file, "
                          "e.g. student.int8.onnx")
     m = onnx.load(str(onnx_in), load_external_data=False)
-    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node):
-        # quantizing Q/DQ nodes again hangs in ONNX Runtime
-        raise ValueError(f"{onnx_in} is already quantized (it has QuantizeLinear/DequantizeLinear nodes); give the "
-                         "FP32 ONNX written by `distillery export onnx`")
-    inp = m.graph.input[0]
-    dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
-    if len(dims) != 4 or not all(dims) or dims[2] != dims[3]:
-        raise ValueError(f"{onnx_in}: INT8 calibration needs a fixed square input (export with a fixed --batch); "
-                         f"got input shape {dims}")
-    imgsz, batch = dims[2], dims[0]
+    input_name, imgsz, batch = fp32_fixed_input(onnx_in, m)
     if images and len(images) % batch:
         raise CalibrationError(f"{onnx_in} has a fixed batch of {batch}: give a multiple of {batch} calibration "
                                f"images (--calib-images), not {len(images)}")
@@ -265,7 +320,7 @@ def quantize(onnx_in: str | Path, out: str | Path, images: list[str], method: st
         common = dict(quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
                       nodes_to_exclude=nodes_to_exclude, calibrate_method=cm, calibration_cache_path=cache)
         cpu_tmp, trt_tmp = Path(tmp) / "cpu.onnx", Path(tmp) / "trt.onnx"
-        quantize_static(str(pre), str(cpu_tmp), _reader(images, inp.name, imgsz, batch), activation_type=QuantType.QUInt8,
+        quantize_static(str(pre), str(cpu_tmp), _reader(images, input_name, imgsz, batch), activation_type=QuantType.QUInt8,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True}, **common)
         # the same ranges (from the cache), quantized for TensorRT: signed, symmetric, FP32 biases
         quantize_static(str(pre), str(trt_tmp), None, activation_type=QuantType.QInt8,
