@@ -377,14 +377,15 @@ class SegmentStage:
 
 
 def teacher_stages(preset: TeacherPreset, ontology: Ontology) -> list[StageSpec]:
-    """The detector and segmenter stages for :func:`distillery.engine.job.run_label_job`; each actor asks
+    """The detector and segmenter stages (named ``detect`` and ``segment`` in the job summary's
+    timings) for :func:`distillery.engine.job.run_label_job`; each actor asks
     for a share of the GPUs (:func:`~distillery.engine.job.plan_actor_gpus`) when the preset's device
     is ``auto`` or ``cuda*`` and the cluster has GPUs."""
     gpu = preset.device == "auto" or preset.device.startswith("cuda")
     pd = preset.to_dict()
     return [
         StageSpec(DetectStage, {"preset": pd, "ontology": ontology.to_dict()},
-                  preset.detector.batch_size, preset.detector.actors, gpu),
+                  preset.detector.batch_size, preset.detector.actors, gpu, name="detect"),
         StageSpec(SegmentStage, {"preset": pd, "num_classes": len(ontology.classes)},
-                  preset.segmenter.batch_size, preset.segmenter.actors, gpu),
+                  preset.segmenter.batch_size, preset.segmenter.actors, gpu, name="segment"),
     ]
