@@ -123,6 +123,9 @@ class JobSummary:
     busy_seconds: dict = field(default_factory=dict)
     #: model-load seconds per model stage, summed over its actors (constructor time)
     load_seconds: dict = field(default_factory=dict)
+    #: per model stage, seconds after the job started when its last actor had loaded its model
+    #: (``ray``: Ray's and the actor processes' start-up, imports and the load)
+    ready_seconds: dict = field(default_factory=dict)
     #: seconds the driver waited for the next batch (``local``: the stages run in this wait)
     wait_seconds: float = 0.0
 
@@ -343,7 +346,7 @@ def run_label_job(
     if runner not in ("ray", "local", "auto"):
         raise ValueError(f"runner must be 'ray', 'local' or 'auto', got {runner!r}")
     say = log or (lambda line: None)
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
     first = None
     summary = JobSummary(labelset.id, total=len(paths))
     times = StageTimes()
@@ -402,6 +405,7 @@ def run_label_job(
         write += end - t  # the last shard, flushed when the writer closes
         summary.busy_seconds = {**dict(times.busy), "write": write}
         summary.load_seconds = dict(times.load)
+        summary.ready_seconds = {k: v - started for k, v in times.ready.items() if v > 0}
     summary.seconds = end - start
     if first is not None:
         summary.startup_seconds = first[0] - start

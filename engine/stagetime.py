@@ -8,7 +8,9 @@ driver without any side channel:
 * ``_t_busy:<stage>``: seconds the stage spent on this row's batch, divided over its rows
   (summing the column over all rows gives the stage's busy seconds);
 * ``_t_load:<stage>``: seconds the stage's constructor took, on the first row an instance
-  returns, 0 elsewhere (the sum is the load time over all actors of the stage).
+  returns, 0 elsewhere (the sum is the load time over all actors of the stage);
+* ``_t_ready:<stage>``: when the constructor finished (``time.time()``, seconds since the
+  epoch), on the same row, 0 elsewhere (the maximum is when the stage's last actor was ready).
 
 The columns of earlier stages are taken off the batch before a stage sees it and put back on
 its output, row for row; the writer never sees them (it takes the
@@ -37,6 +39,11 @@ def busy_column(stage: str) -> str:
 def load_column(stage: str) -> str:
     """Name of the load-seconds column of ``stage``."""
     return f"{TIMING_PREFIX}load:{stage}"
+
+
+def ready_column(stage: str) -> str:
+    """Name of the ready-time column of ``stage``."""
+    return f"{TIMING_PREFIX}ready:{stage}"
 
 
 def num_rows(batch) -> int:
@@ -77,6 +84,7 @@ class TimedStage:
         self.stage = cls(**kwargs)
         self.name = name
         self._load = time.perf_counter() - t  # reported once, on the first batch returned
+        self._ready = time.time()
 
     def __call__(self, batch: dict):
         timing = {k: v for k, v in batch.items() if k.startswith(TIMING_PREFIX)}
@@ -88,10 +96,11 @@ class TimedStage:
         if num_rows(out) != n:
             raise ValueError(f"stage {self.name} returned {num_rows(out)} rows for a batch of {n}; "
                              "a stage must return one row per input row, in order")
-        load = np.zeros(n, np.float64)
+        load, ready = np.zeros(n, np.float64), np.zeros(n, np.float64)
         if n:
-            load[0], self._load = self._load, 0.0
-        return with_columns(out, {**timing, busy_column(self.name): spread(busy, n), load_column(self.name): load})
+            load[0], ready[0], self._load, self._ready = self._load, self._ready, 0.0, 0.0
+        return with_columns(out, {**timing, busy_column(self.name): spread(busy, n), load_column(self.name): load,
+                                  ready_column(self.name): ready})
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,7 +111,8 @@ def timed_class(cls: type) -> type:
 
 
 class StageTimes:
-    """Sums of the timing columns the driver has seen: ``busy[stage]`` and ``load[stage]``, seconds.
+    """What the driver has seen of the timing columns: ``busy[stage]`` and ``load[stage]``
+    (sums, seconds) and ``ready[stage]`` (latest, seconds since the epoch).
 
     Bounded: one entry per stage, whatever the number of images.
     """
@@ -110,10 +120,14 @@ class StageTimes:
     def __init__(self) -> None:
         self.busy: Counter = Counter()
         self.load: Counter = Counter()
+        self.ready: dict[str, float] = {}
 
     def add(self, batch: dict) -> None:
         """Add a batch's timing columns (dict of columns)."""
         for k, v in batch.items():
             if k.startswith(TIMING_PREFIX):
                 kind, stage = k[len(TIMING_PREFIX):].split(":", 1)
-                (self.busy if kind == "busy" else self.load)[stage] += float(np.sum(v))
+                if kind == "ready":
+                    self.ready[stage] = max(self.ready.get(stage, 0.0), float(np.max(v, initial=0.0)))
+                else:
+                    (self.busy if kind == "busy" else self.load)[stage] += float(np.sum(v))

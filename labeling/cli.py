@@ -106,9 +106,10 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
 def _time_line(s) -> str:
     """Where a label job's time went, one line (:class:`distillery.engine.job.JobSummary`)."""
     busy = ", ".join(f"{k} {v:.1f} s" for k, v in s.busy_seconds.items())
+    ready = ", ".join(f"{k} {v:.1f} s" for k, v in s.ready_seconds.items())
     loads = ", ".join(f"{k} {v:.1f} s" for k, v in s.load_seconds.items())
-    return (f"time: runner {s.runner}, {s.startup_seconds:.1f} s before the first labelled images "
-            f"(model loads: {loads or 'none'}); busy: {busy}")
+    return (f"time: runner {s.runner}, {s.startup_seconds:.1f} s before the first labelled images (teachers ready "
+            f"after {ready or '-'}, of which loading {loads or '-'}); busy: {busy}")
 
 
 def _echo_store_totals(ls, show: int = 10) -> None:

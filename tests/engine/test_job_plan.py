@@ -64,7 +64,7 @@ def test_timed_stage_records_busy_and_load_seconds_and_passes_earlier_columns(mo
     from distillery.engine.stagetime import StageTimes, TimedStage, timed_class
 
     c = FakeClock()
-    monkeypatch.setattr(stagetime, "time", type("T", (), {"perf_counter": staticmethod(c)}))
+    monkeypatch.setattr(stagetime, "time", type("T", (), {"perf_counter": staticmethod(c), "time": staticmethod(c)}))
     seen = []
 
     class Double:
@@ -86,6 +86,7 @@ def test_timed_stage_records_busy_and_load_seconds_and_passes_earlier_columns(mo
     assert out.column("_t_busy:decode").to_pylist() == [0.25] * 4  # passed on, row for row
     np.testing.assert_allclose(out.column("_t_busy:double").to_numpy(), [0.1] * 4)
     assert out.column("_t_load:double").to_pylist() == [1.5, 0, 0, 0]
+    assert out.column("_t_ready:double").to_pylist() == [101.5, 0, 0, 0]  # the clock when the load ended
     again = stage({"x": np.arange(2)})
     assert again.column("_t_load:double").to_pylist() == [0, 0]  # the load is reported once
     times = StageTimes()
@@ -93,6 +94,7 @@ def test_timed_stage_records_busy_and_load_seconds_and_passes_earlier_columns(mo
         times.add({k: t.column(k).to_numpy() for k in t.column_names})
     assert dict(times.busy) == pytest.approx({"decode": 1.0, "double": 0.8})
     assert dict(times.load) == {"double": 1.5}
+    assert times.ready == {"double": 101.5}
 
 
 def test_timed_stage_refuses_a_stage_that_drops_rows():
@@ -165,6 +167,7 @@ def test_local_job_summary_says_where_the_time_went(coco128, tmp_path):
     assert lines[2].startswith("first labelled images after ")
     assert set(s.busy_seconds) == {"decode", "pass", "EmptyLabels", "write"}
     assert set(s.load_seconds) == {"pass", "EmptyLabels"}
+    assert set(s.ready_seconds) == {"pass", "EmptyLabels"} and max(s.ready_seconds.values()) <= s.startup_seconds
     # every stage's busy time happened while the driver waited for the batch (one process)
     stages = sum(v for k, v in s.busy_seconds.items() if k != "write")
     assert 0 < stages <= s.wait_seconds <= s.seconds
