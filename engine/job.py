@@ -11,7 +11,10 @@ model once per actor. Execution is streaming with Ray's backpressure, so memory 
 flat whatever the number of images. Actor pools are sized to leave CPUs for the decode
 tasks: on CPU-only clusters a pool that takes every CPU starves the reads and hangs
 (Ray Data docs, "Stateful transforms"; ``DESIGN.md``). ``runner="local"`` runs the same
-functions and callables in this process, one batch at a time (debugging, tests).
+functions and callables in this process, one batch at a time (small jobs, debugging, tests);
+``runner="auto"`` picks it for jobs too small to repay Ray's start-up (:func:`choose_runner`).
+Every stage runs wrapped in :class:`distillery.engine.stagetime.TimedStage`, whose timing
+columns ride with the rows to the driver: the summary says where the time went.
 
 Batches are dicts of equal-length columns. The decode step produces ``path``,
 ``image_id``, ``width``, ``height``, ``error`` (None or reason) and ``pixels`` (RGB uint8
@@ -25,7 +28,8 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -33,6 +37,7 @@ import pyarrow as pa
 
 from distillery.engine.images import DEFAULT_MAX_PIXELS, decode, error_kind
 from distillery.engine.record import ROW_SCHEMA
+from distillery.engine.stagetime import StageTimes, busy_column, spread, timed_class, with_columns
 from distillery.engine.store import LabelSet
 
 #: Columns of a decoded batch. Stages return Arrow tables with explicit types: a batch
@@ -71,6 +76,7 @@ class StageSpec:
         actors: actor pool size (``runner="ray"``).
         wants_gpu: ask for a GPU share per actor when the cluster has GPUs (``runner="ray"``,
             :func:`plan_actor_gpus`).
+        name: the stage's name in the job summary's timings (default: the class name).
     """
 
     cls: type
@@ -78,10 +84,24 @@ class StageSpec:
     batch_size: int = 4
     actors: int = 1
     wants_gpu: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.cls.__name__
+
+    def timed(self) -> "StageSpec":
+        """This stage wrapped in :class:`distillery.engine.stagetime.TimedStage` (same sizes and name)."""
+        return replace(self, cls=timed_class(self.cls), kwargs={"cls": self.cls, "kwargs": self.kwargs,
+                                                                "name": self.name})
 
 
 @dataclass
 class JobSummary:
+    """What one :func:`run_label_job` call did, and where its time went (seconds, wall clock).
+
+    Every field is bounded whatever the number of images (``errors`` counts by error kind).
+    """
+
     labelset_id: str
     total: int = 0
     skipped: int = 0
@@ -90,10 +110,24 @@ class JobSummary:
     instances: int = 0
     errors: Counter = field(default_factory=Counter)
     seconds: float = 0.0
-    #: until the first batch was written (cluster and actor start, model loads, first batch)
+    #: the runner used (``ray`` or ``local``), and why when ``runner="auto"`` chose it
+    runner: str = ""
+    runner_reason: str = ""
+    #: before the first labelled image reached the writer: Ray and actor start, model loads,
+    #: the first batch through every stage
     startup_seconds: float = 0.0
     #: images/s after the first batch: the rate a large pool runs at
     steady_images_per_second: float = 0.0
+    #: busy seconds per stage: ``decode``, each model stage by :attr:`StageSpec.name`, and
+    #: ``write`` (the driver adding rows and writing shards); summed over workers
+    busy_seconds: dict = field(default_factory=dict)
+    #: model-load seconds per model stage, summed over its actors (constructor time)
+    load_seconds: dict = field(default_factory=dict)
+    #: per model stage, seconds after the job started when its last actor had loaded its model
+    #: (``ray``: Ray's and the actor processes' start-up, imports and the load)
+    ready_seconds: dict = field(default_factory=dict)
+    #: seconds the driver waited for the next batch (``local``: the stages run in this wait)
+    wait_seconds: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -120,6 +154,13 @@ def decode_batch(batch: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
     return as_table(out, DECODED_SCHEMA)
 
 
+def decode_timed(batch: dict, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
+    """:func:`decode_batch` plus its busy seconds per row (:mod:`distillery.engine.stagetime`)."""
+    t = time.perf_counter()
+    table = decode_batch(batch, max_pixels)
+    return with_columns(table, {busy_column("decode"): spread(time.perf_counter() - t, table.num_rows)})
+
+
 def plan_actor_cpus(total_cpus: float, node_cpus: float, stages: list[StageSpec]) -> float:
     """CPUs to reserve per actor on a CPU-only cluster.
 
@@ -139,6 +180,18 @@ def plan_actor_cpus(total_cpus: float, node_cpus: float, stages: list[StageSpec]
             f"{n} teacher actors do not fit in {total_cpus:g} CPUs with room for decoding; lower the actor counts"
         )
     return math.floor(min(per, node_cpus) * 100) / 100
+
+
+def actor_threads(actor_cpus: float) -> int:
+    """Intra-op threads (``OMP_NUM_THREADS``) of a CPU actor: its CPU share, at least 1, so the
+    actors of a node together run about as many threads as it has cores.
+
+    More oversubscribes the cores: OpenMP threads spin at every barrier and a preempted one
+    stalls its team. On the shared 2-core machine, the tiny SAM's call took 2.2-2.9 s with 1
+    thread and 4.5-8.6 s with 2 while other processes ran (``bench/label_throughput.py`` runs
+    the loop at both counts).
+    """
+    return max(1, int(actor_cpus))
 
 
 def plan_actor_gpus(total_gpus: float, stages: list[StageSpec]) -> float | None:
@@ -168,10 +221,20 @@ def _rows(batch: dict) -> Iterable[dict]:
         yield {k: batch[k][i] for k in names}
 
 
+def build_stages(stages: list[StageSpec]) -> list:
+    """``cls(**kwargs)`` of every stage, built in parallel threads (model loads are mostly
+    file reads and tensor copies, which release the GIL); the first constructor error is raised."""
+    if len(stages) < 2:
+        return [s.cls(**s.kwargs) for s in stages]
+    with ThreadPoolExecutor(len(stages), thread_name_prefix="load-stage") as pool:
+        futures = [pool.submit(lambda s=s: s.cls(**s.kwargs)) for s in stages]
+        return [f.result() for f in futures]
+
+
 def _batches_local(paths, stages, max_pixels, decode_batch_size):
-    built = [s.cls(**s.kwargs) for s in stages]
+    built = build_stages(stages)
     for s in range(0, len(paths), decode_batch_size):
-        table = decode_batch({"path": paths[s : s + decode_batch_size]}, max_pixels)
+        table = decode_timed({"path": paths[s : s + decode_batch_size]}, max_pixels)
         for stage, spec in zip(built, stages):
             parts = [
                 stage(as_batch(table.slice(j, spec.batch_size)))
@@ -213,7 +276,7 @@ def _batches_ray(paths, stages, max_pixels, decode_batch_size, ray_address):
     blocks = max(1, math.ceil(len(paths) / decode_batch_size))
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
     # num_cpus differs from the actors', so Ray does not fuse decoding into the actors
-    ds = ds.map_batches(decode_batch, fn_kwargs={"max_pixels": max_pixels}, batch_size=decode_batch_size,
+    ds = ds.map_batches(decode_timed, fn_kwargs={"max_pixels": max_pixels}, batch_size=decode_batch_size,
                         num_cpus=0.5)
     for spec in stages:
         gpu = spec.wants_gpu and has_gpu
@@ -224,13 +287,35 @@ def _batches_ray(paths, stages, max_pixels, decode_batch_size, ray_address):
             compute=ray.data.ActorPoolStrategy(size=spec.actors),
             num_gpus=actor_gpus if gpu else None,
             num_cpus=1 if gpu else actor_cpus,
-            # Ray sets OMP_NUM_THREADS to the actor's (fractional, floored) CPUs. The teachers are
-            # unbalanced (SAM's encoder dominates), so each actor may use every core of its
-            # node: bench/label_throughput.py ratio 0.45 -> 0.66 on 2 cores.
-            runtime_env=None if gpu else {"env_vars": {"OMP_NUM_THREADS": str(max(1, int(node_cpus)))}},
+            runtime_env=None if gpu else {"env_vars": {"OMP_NUM_THREADS": str(actor_threads(actor_cpus))}},
         )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         yield batch
+
+
+#: ``runner="auto"`` runs a job of fewer pending images than this in-process. Starting Ray
+#: (``ray.init`` and one actor process per stage, each importing torch and its model's
+#: library) costs more than the pipelining it buys back on so few images: see
+#: :func:`choose_runner` for the measurement.
+AUTO_LOCAL_BELOW = 64
+
+
+def choose_runner(pending: int, ray_address: str | None = None) -> tuple[str, str]:
+    """The runner ``runner="auto"`` uses for ``pending`` images, and why (one line).
+
+    Ray when a cluster address is given or Ray is already running in this process (its
+    start-up is paid), or when ``pending >= AUTO_LOCAL_BELOW``; in-process otherwise.
+    """
+    import sys
+
+    if ray_address:
+        return "ray", f"runner ray: cluster {ray_address}"
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return "ray", "runner ray: Ray is already running in this process"
+    if pending < AUTO_LOCAL_BELOW:
+        return "local", (f"runner local: {pending} images < {AUTO_LOCAL_BELOW}, too few to repay Ray's start-up "
+                         "(--runner ray to force it)")
+    return "ray", f"runner ray: {pending} images (--runner local to stay in this process)"
 
 
 def run_label_job(
@@ -238,7 +323,7 @@ def run_label_job(
     labelset: LabelSet,
     stages: list[StageSpec],
     *,
-    runner: str = "ray",
+    runner: str = "auto",
     ray_address: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     shard_size: int = 256,
@@ -246,50 +331,77 @@ def run_label_job(
     decode_batch_size: int = 8,
     progress: bool = True,
     on_row: Callable[[dict], Any] | None = None,
+    log: Callable[[str], Any] | None = None,
 ) -> JobSummary:
     """Label ``paths`` into ``labelset``, skipping paths it already holds (resume).
 
     Args:
         paths: image paths, in the order duplicates should be resolved.
         labelset: where rows go (see :class:`distillery.engine.store.LabelSet`).
-        stages: model stages, in order; the last returns :data:`ROW_SCHEMA` columns.
-        runner: ``"ray"`` (Ray Data; local cluster unless ``ray_address``) or ``"local"``.
+        stages: model stages, in order; the last returns :data:`ROW_SCHEMA` columns. Each runs
+            wrapped in :class:`distillery.engine.stagetime.TimedStage`.
+        runner: ``"ray"`` (Ray Data; local cluster unless ``ray_address``), ``"local"`` (in this
+            process, one batch at a time) or ``"auto"`` (:func:`choose_runner` on the pending images).
         max_pixels: images with more pixels become ``too-large`` error records.
         shard_size: rows per Parquet shard at most.
         flush_seconds: a shard is also written once its oldest row has waited this long, so a
             crash loses at most about this many seconds of finished rows, plus the images
             still in the pipeline (at most a block per stage); None: by size only.
         decode_batch_size: paths per decode task (and per Ray block).
+        on_row: called with each row as stored.
+        log: called with one-line start-up messages (the runner chosen, "starting Ray...",
+            the first labelled image); e.g. ``click.echo`` to stderr.
 
     Returns:
-        :class:`JobSummary` over this run (``skipped`` = already in the store).
+        :class:`JobSummary` over this run (``skipped`` = already in the store), with the
+        time per stage.
 
     Raises:
         ValueError: unknown runner. StoreError: another job holds the label set (its pid is
         named), or a shard cannot be written (e.g. the disk is full; rows already written stay).
     """
-    if runner not in ("ray", "local"):
-        raise ValueError(f"runner must be 'ray' or 'local', got {runner!r}")
-    start = time.perf_counter()
+    if runner not in ("ray", "local", "auto"):
+        raise ValueError(f"runner must be 'ray', 'local' or 'auto', got {runner!r}")
+    say = log or (lambda line: None)
+    start, started = time.perf_counter(), time.time()
     first = None
     summary = JobSummary(labelset.id, total=len(paths))
+    times = StageTimes()
+    timed = [s.timed() for s in stages]
     with labelset.writer(shard_size, flush_seconds=flush_seconds, track_paths=False) as writer:
         pending = [p for p in paths if p not in writer.done_paths]
         writer.done_paths.clear()  # not consulted again (track_paths=False): no per-image set in the driver
         summary.skipped = len(paths) - len(pending)
+        if runner == "auto":
+            runner, summary.runner_reason = choose_runner(len(pending), ray_address)
+            if pending:
+                say(summary.runner_reason)
+        summary.runner = runner
         if pending:
+            names = ", ".join(s.name for s in stages)
             if runner == "local":
-                batches = _batches_local(pending, stages, max_pixels, decode_batch_size)
+                say(f"loading {names} in this process...")
+                batches = _batches_local(pending, timed, max_pixels, decode_batch_size)
             else:
-                batches = _batches_ray(pending, stages, max_pixels, decode_batch_size, ray_address)
+                say(f"starting Ray{' (' + ray_address + ')' if ray_address else ''} and actors for {names}...")
+                batches = _batches_ray(pending, timed, max_pixels, decode_batch_size, ray_address)
             bar = None
             if progress:
                 from tqdm import tqdm
 
                 bar = tqdm(total=len(pending), unit="img", desc=f"label {labelset.id}", dynamic_ncols=True)
-            for batch in batches:
+            write = 0.0
+            while True:
+                t = time.perf_counter()
+                batch = next(batches, None)
+                summary.wait_seconds += time.perf_counter() - t
+                if batch is None:
+                    break
                 if first is None:
                     first = (time.perf_counter(), len(batch["path"]))
+                    say(f"first labelled images after {first[0] - start:.1f} s")
+                times.add(batch)
+                t = time.perf_counter()
                 for row in _rows(batch):
                     row = writer.add(row)
                     summary.processed += 1
@@ -300,11 +412,18 @@ def run_label_job(
                         summary.errors[error_kind(row["error"])] += 1
                     if on_row is not None:
                         on_row(row)
+                write += time.perf_counter() - t
                 if bar is not None:
                     bar.update(len(batch["path"]))
             if bar is not None:
                 bar.close()
+            t = time.perf_counter()
     end = time.perf_counter()
+    if pending:
+        write += end - t  # the last shard, flushed when the writer closes
+        summary.busy_seconds = {**dict(times.busy), "write": write}
+        summary.load_seconds = dict(times.load)
+        summary.ready_seconds = {k: v - started for k, v in times.ready.items() if v > 0}
     summary.seconds = end - start
     if first is not None:
         summary.startup_seconds = first[0] - start

@@ -40,8 +40,9 @@ def name_option(what: str = "label set"):
 @click.option("--store", required=True, type=Store(must_exist=False), help="Label store directory (new or existing).")
 @click.option("--teachers", "preset_path", default="default", show_default=True, type=Config("teachers"),
               help="Teachers preset: a YAML file or a shipped name (distillery configs list).")
-@click.option("--runner", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
-              help="ray: Ray Data pipeline; local: same stages in this process.")
+@click.option("--runner", type=click.Choice(["auto", "ray", "local"]), default="auto", show_default=True,
+              help="ray: Ray Data pipeline; local: same stages in this process, one batch at a time; auto: "
+                   "local for fewer than 64 images to label (Ray's start-up would not pay back), else ray.")
 @click.option("--ray-address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Images above this many pixels become error records.")
@@ -50,7 +51,7 @@ def name_option(what: str = "label set"):
               help="Also write a shard once its oldest image has waited this long, so a crash loses at most about "
                    "this much finished work (plus the blocks still in the pipeline).")
 @click.option("--block-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per decode task (Ray block).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar, no start-up lines.")
 @name_option()
 @fail_cleanly
 def label(sources, classes, ontology_path, store, preset_path, runner, ray_address, max_pixels, shard_size,
@@ -93,15 +94,26 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
                f"chunk(s), store {store}")
     s = run_label_job(paths, ls, teacher_stages(preset, onto), runner=runner, ray_address=ray_address,
                       max_pixels=max_pixels, shard_size=shard_size, flush_seconds=flush_seconds,
-                      decode_batch_size=block_size,
-                      progress=not quiet)
+                      decode_batch_size=block_size, progress=not quiet,
+                      log=None if quiet else lambda line: click.echo(line, err=True))
     errors = ", ".join(f"{k} {v}" for k, v in sorted(s.errors.items())) or "none"
     click.echo(
         f"done: {s.processed} images processed this run ({s.skipped} already in the store), "
         f"{s.labeled} with labels, {s.instances} instances; errors: {errors}; "
         f"{s.images_per_second:.2f} images/s over {s.seconds:.1f} s"
     )
+    if s.processed:
+        click.echo(_time_line(s))
     _echo_store_totals(ls)
+
+
+def _time_line(s) -> str:
+    """Where a label job's time went, one line (:class:`distillery.engine.job.JobSummary`)."""
+    busy = ", ".join(f"{k} {v:.1f} s" for k, v in s.busy_seconds.items())
+    ready = ", ".join(f"{k} {v:.1f} s" for k, v in s.ready_seconds.items())
+    loads = ", ".join(f"{k} {v:.1f} s" for k, v in s.load_seconds.items())
+    return (f"time: runner {s.runner}, {s.startup_seconds:.1f} s before the first labelled images (teachers ready "
+            f"after {ready or '-'}, of which loading {loads or '-'}); busy: {busy}")
 
 
 def _echo_store_totals(ls, show: int = 10) -> None:

@@ -506,7 +506,8 @@ class GroundedStage:
 
 
 def teacher_stages(preset: TeacherPreset, ontology: Ontology) -> list[StageSpec]:
-    """The detector and segmenter stages (or, with ``teacher`` set, the one grounded stage) for
+    """The detector and segmenter stages (named ``detect`` and ``segment`` in the job summary's
+    timings), or with ``teacher`` set the one grounded stage (``label``), for
     :func:`distillery.engine.job.run_label_job`; each actor asks
     for a share of the GPUs (:func:`~distillery.engine.job.plan_actor_gpus`) when the preset's device
     is ``auto`` or ``cuda*`` and the cluster has GPUs."""
@@ -514,10 +515,10 @@ def teacher_stages(preset: TeacherPreset, ontology: Ontology) -> list[StageSpec]
     pd = preset.to_dict()
     if preset.teacher is not None:
         return [StageSpec(GroundedStage, {"preset": pd, "ontology": ontology.to_dict()},
-                          preset.teacher.batch_size, preset.teacher.actors, gpu)]
+                          preset.teacher.batch_size, preset.teacher.actors, gpu, name="label")]
     return [
         StageSpec(DetectStage, {"preset": pd, "ontology": ontology.to_dict()},
-                  preset.detector.batch_size, preset.detector.actors, gpu),
+                  preset.detector.batch_size, preset.detector.actors, gpu, name="detect"),
         StageSpec(SegmentStage, {"preset": pd, "num_classes": len(ontology.classes)},
-                  preset.segmenter.batch_size, preset.segmenter.actors, gpu),
+                  preset.segmenter.batch_size, preset.segmenter.actors, gpu, name="segment"),
     ]

@@ -15,9 +15,13 @@ def test_cli_label_info_export(tiny_teachers, coco128, tmp_path):
     lst.write_text("\n".join(str(coco128 / "images" / n) for n in ["000000000009.jpg", "000000000025.jpg"]) + "\nmissing.jpg\n")
     store = tmp_path / "store"
     out = r.invoke(main, ["label", str(lst), "--classes", "person,giraffe", "--store", str(store),
-                          "--teachers", str(tiny_teachers), "--runner", "local", "--quiet"])
+                          "--teachers", str(tiny_teachers)])
     assert out.exit_code == 0, out.output
-    assert "3 images processed this run" in out.output and "missing 1" in out.output
+    assert "3 images processed this run" in out.stdout and "missing 1" in out.stdout
+    # --runner auto: too few images to start Ray, said on stderr; the summary says where the time went
+    assert "runner local: 3 images < 64, too few to repay Ray's start-up (--runner ray to force it)" in out.stderr
+    assert "first labelled images after" in out.stderr
+    assert "time: runner local, " in out.stdout and "busy: decode " in out.stdout
     info = r.invoke(main, ["labels", "info", "--store", str(store), "--json"])
     (row,) = json.loads(info.output)
     assert row["images"] == 3 and row["labeled"] == 2 and row["errors"] == {"missing": 1}
@@ -44,7 +48,10 @@ def test_cli_user_errors_are_clear(tmp_path, tiny_teachers):
     (tmp_path / "empty" / "labelsets").mkdir(parents=True)
     out = r.invoke(main, ["labels", "export", "--store", str(tmp_path / "empty"), "--format", "coco", "--out", "x.json"])
     assert out.exit_code == 1 and "no label sets" in out.output
-    assert "Example" in r.invoke(main, ["label", "--help"]).output
+    from distillery.engine.job import AUTO_LOCAL_BELOW
+
+    help_ = r.invoke(main, ["label", "--help"]).output
+    assert "Example" in help_ and f"local for fewer than {AUTO_LOCAL_BELOW} images" in " ".join(help_.split())
 
 
 def test_cli_names_import_label_and_export_by_name(tiny_teachers, coco128, coco128_gt, tmp_path):
