@@ -160,3 +160,16 @@ class Output(_FileKind):
                                           f"path (e.g. {self.example})")
         if not self.folder and p.is_dir():
             raise filekinds.FileKindError(f"{name} {value} is a folder; give a file path (e.g. {self.example})")
+
+
+class FloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses NaN (which compares False with every bound, so
+    click lets it through: ``--val-fraction nan`` would split nothing, silently)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = super().convert(value, param, ctx)
+        if isinstance(rv, float) and math.isnan(rv):
+            self.fail(f"{value!r} is not a number; give {self._describe_range()}", param, ctx)
+        return rv

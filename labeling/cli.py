@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from distillery.engine.cli_errors import UserError, fail_cleanly
-from distillery.engine.cli_types import CocoJson, Config, ImageFolder, ImageSource, Output, Store
+from distillery.engine.cli_types import CocoJson, Config, FloatRange, ImageFolder, ImageSource, Output, Store
 from distillery.engine.images import DEFAULT_MAX_PIXELS
 
 def _valid_name(ctx, param, value):
@@ -47,7 +47,7 @@ def name_option(what: str = "label set"):
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Images above this many pixels become error records.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, show_default=True, help="Images per Parquet shard.")
-@click.option("--flush-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+@click.option("--flush-seconds", type=FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Also write a shard once its oldest image has waited this long, so a crash loses at most about "
                    "this much finished work (plus the blocks still in the pipeline).")
 @click.option("--block-size", type=click.IntRange(min=1), default=8, show_default=True, help="Images per decode task (Ray block).")
@@ -197,7 +197,7 @@ def _is_distillery_export(path: Path) -> bool:
 @click.option("--format", "fmt", type=click.Choice(["coco", "yolo-seg"]), required=True)
 @click.option("--out", required=True, type=click.Path(), help="coco: a .json file; yolo-seg: a directory.")
 @click.option("--min-score", type=float, default=0.0, show_default=True, help="Drop instances below this box score.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+@click.option("--val-fraction", type=FloatRange(0, 1), default=0.1, show_default=True,
               help="yolo-seg: share of images in val.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT (coco: the file; yolo-seg: its images/ and labels/).")
 @fail_cleanly
@@ -375,7 +375,7 @@ def teachers_tiny(out_dir, seed, size, kinds=()):
 @click.option("--val-only/--all-images", default=None,
               help="Evaluate the validation split only, or every GT image. Default: --val-only when a teacher has a "
                    "finetune.json beside its preset, else --all-images.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+@click.option("--val-fraction", type=FloatRange(0, 1, min_open=True), default=None,
               help="Validation share (distillery.engine.split.is_val). Default: the smallest val_fraction of the "
                    "teachers' finetune.json, else 0.1.")
 @click.option("--curation", type=click.IntRange(min=0), default=None, help="GT curation version (default latest; 0 none).")
@@ -460,14 +460,14 @@ def _echo_table(rows, worse=None) -> None:
 @click.option("--out", required=True, type=Output(folder=True, example="ft/"),
               help="Folder for the weights, preset.yaml, finetune.json and checkpoints.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: detector 12, SAM 10.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Default: 1e-4 for both.")
+@click.option("--lr", type=FloatRange(min=0, min_open=True), default=None, help="Default: 1e-4 for both.")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Detector: images per device and step (default 4); SAM: box-mask pairs per step (default 8).")
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = rank).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+@click.option("--val-fraction", type=FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
               help="Share of images held out for validation, by image id.")
-@click.option("--flip", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--flip", type=FloatRange(0, 1), default=0.5, show_default=True,
               help="Probability of a left-right flip of a training image.")
 @click.option("--max-classes", type=click.IntRange(min=1), default=80, show_default=True,
               help="Classes per training caption at most: the image's own plus sampled negatives.")
@@ -506,6 +506,24 @@ def teachers_finetune(preset_path, store, labelset, curation, component, method,
     if component == "segmenter" and workers:
         raise UserError("--workers applies to the detector: SAM's mask decoder (4M parameters, on image embeddings "
                         "computed once and cached) trains in this process on the preset's device; drop --workers")
+    ctx = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in ("method", "rank", "max_classes", "flip")
+             if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+    if component == "segmenter" and given:
+        raise UserError(f"{', '.join(given)} apply to the detector; --component segmenter trains SAM's mask decoder")
+    from distillery.labeling.finetune.run import FINETUNE_DETECTORS
+    from distillery.labeling.teachers import TeacherPreset
+
+    try:
+        p = TeacherPreset.load(preset_path)
+    except PresetError as e:
+        raise UserError(str(e)) from e
+    if component != "segmenter" and p.detector.kind not in FINETUNE_DETECTORS:
+        raise UserError(f"{preset_path}: fine-tuning covers detector kinds {', '.join(FINETUNE_DETECTORS)}, not "
+                        f"{p.detector.kind}")
+    if component != "detector" and p.segmenter.kind != "sam":
+        raise UserError(f"{preset_path}: fine-tuning covers segmenter kind sam (segment-anything), not "
+                        f"{p.segmenter.kind}")
     try:
         if component == "detector":
             rec = finetune_detector(preset_path, store, labelset, out, cfg, resume=resume, ray_address=ray_address,

@@ -80,7 +80,7 @@ def _base(info: ValidationInfo) -> Path | None:
 
 def _registered(table: dict, role: str, v: str) -> str:
     if v not in table:
-        raise ValueError(f"unknown {role} kind {v!r}; known: {', '.join(sorted(table))}")
+        raise ValueError(f"unknown {role} kind {v!r}; known: {', '.join(sorted(table)) or 'none in this version'}")
     return v
 
 
@@ -302,21 +302,55 @@ class TeacherPreset(StrictConfig):
         from distillery.labeling.ontology import build_chunks
 
         d = self.detector
+        local = Path(d.model).is_dir()
         try:
-            tok = AutoTokenizer.from_pretrained(d.model, revision=d.revision)
             cfg = AutoConfig.from_pretrained(d.model, revision=d.revision)
+            if cfg.model_type != d.kind:  # transformers' model_type names equal the detector kinds
+                raise PresetError(f"{source}: detector.model {d.model!r} is a {cfg.model_type!r} model, not the "
+                                  f"{d.kind!r} that detector.kind {d.kind} loads; set the kind that matches it")
+            tok = AutoTokenizer.from_pretrained(d.model, revision=d.revision)
         except (OSError, ValueError) as e:
-            raise PresetError(
-                f"{source}: detector.model {d.model!r} cannot be loaded: it is not a local directory "
-                "(relative paths are relative to the preset), and transformers could not load it as a hub "
-                f"id (offline and not in the cache?). {type(e).__name__}: {str(e).splitlines()[0]}"
-            ) from e
+            if isinstance(e, PresetError):
+                raise
+            where = ("a local directory, but transformers cannot load it" if local else
+                     "not a local directory (relative paths are relative to the preset), and transformers could "
+                     "not load it as a hub id (offline and not in the cache?)")
+            raise PresetError(f"{source}: detector.model {d.model!r} cannot be loaded: it is {where}. "
+                              f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
+        self.check_segmenter(source)
         if d.kind == "owlv2":  # one text query per prompt, no caption: the prompts' length is what can fail
             from distillery.labeling.owlv2 import QUERIES_PER_CALL, check_prompts
 
             check_prompts(ontology, tok, int(cfg.text_config.max_position_embeddings))
             return -(-len(ontology.prompts) // QUERIES_PER_CALL)
         return len(build_chunks(ontology, tok, int(getattr(cfg, "max_text_len", 256))))
+
+    def check_segmenter(self, source: str = "preset") -> None:
+        """For a ``segmenter.kind`` loaded by ``from_pretrained``: read its config (no weights) and
+        check its ``model_type``, so a wrong folder fails before any label set exists.
+
+        Raises:
+            PresetError: the model cannot be loaded, or is of another kind (one line naming the key).
+        """
+        from distillery.labeling.kinds import CHECKPOINT_SEGMENTERS
+
+        s = self.segmenter
+        if s.kind in CHECKPOINT_SEGMENTERS:
+            return
+        from transformers import AutoConfig
+
+        if not Path(s.model).is_dir() and Path(s.model).suffix in (".pth", ".pt", ".bin", ".safetensors"):
+            raise PresetError(f"{source}: segmenter.model {s.model!r} is a weights file; kind {s.kind} loads a "
+                              "from_pretrained folder or hub id (segment-anything .pth files are kind sam's checkpoint)")
+        want = {"sam2": "sam2", "sam-hq": "sam_hq"}.get(s.kind, s.kind)
+        try:
+            cfg = AutoConfig.from_pretrained(s.model, revision=s.revision)
+        except (OSError, ValueError) as e:
+            raise PresetError(f"{source}: segmenter.model {s.model!r} cannot be loaded by transformers "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        if cfg.model_type != want:
+            raise PresetError(f"{source}: segmenter.model {s.model!r} is a {cfg.model_type!r} model, not the "
+                              f"{want!r} that segmenter.kind {s.kind} loads; set the kind that matches it")
 
     def to_dict(self) -> dict:
         """Plain, JSON-able nested dict (``image_size`` a dict or None), as stored in manifests."""

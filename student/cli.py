@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from distillery.engine.cli_errors import fail_cleanly
-from distillery.engine.cli_types import CocoJson, ImageFolder, Output, Store, StudentModel, TrainModel
+from distillery.engine.cli_types import CocoJson, FloatRange, ImageFolder, Output, Store, StudentModel, TrainModel
 
 
 _errors = fail_cleanly
@@ -44,15 +44,15 @@ _OWN_OPTIONS = {"epochs": "epochs", "imgsz": "imgsz", "batch": "batch", "model":
 @click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True)
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--out", required=True, type=Output(folder=True, example="runs/NAME"), help="Run directory, e.g. runs/NAME.")
-@click.option("--min-score", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+@click.option("--min-score", type=FloatRange(0, 1), default=0.25, show_default=True,
               help="Undecided instances at or above this box score are targets.")
 @click.option("--class-min-score", multiple=True, metavar="CLASS=SCORE", help="Per-class override (repeatable).")
-@click.option("--ignore-min-score", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+@click.option("--ignore-min-score", type=FloatRange(0, 1), default=0.1, show_default=True,
               help="Undecided instances from this score up to the threshold become ignore regions.")
 @click.option("--weight", type=click.Choice(["score", "sqrt", "none"]), default="score", show_default=True,
               help="Teacher confidence -> box/mask loss weight.")
 @click.option("--classes", default=None, help="Comma-separated subset of the ontology to train on.")
-@click.option("--val-fraction", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+@click.option("--val-fraction", type=FloatRange(0, 1), default=0.1, show_default=True,
               help="Images held out for validation (by image id).")
 @click.option("--val-labelset", default=None, metavar="NAME|ID",
               help="Validate on this label set (name, id or id prefix) instead, e.g. GT from `labels import --name`.")
@@ -111,7 +111,7 @@ def train_cmd(store, labelset, curation, model, epochs, imgsz, batch, out, min_s
 @click.option("--gt", "gt_path", required=True, type=CocoJson(), help="COCO instances JSON.")
 @click.option("--out", required=True, type=Output(folder=True, example="report/"), help="Report directory.")
 @click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True, help="With --model.")
-@click.option("--conf", type=click.FloatRange(0, 1), default=0.001, show_default=True, help="With --model.")
+@click.option("--conf", type=FloatRange(0, 1), default=0.001, show_default=True, help="With --model.")
 @click.option("--device", default=None, help="With --model: cpu, 0, ...")
 @_errors
 def eval_cmd(model_path, images_dir, store, labelset, gt_path, out, imgsz, conf, device):

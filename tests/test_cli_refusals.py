@@ -90,3 +90,21 @@ def test_finetune_segmenter_refuses_workers_it_would_ignore(tmp_path):
     out = _invoke(["teachers", "finetune", "--teachers", "default", "--store", tmp_path / "store",
                    "--component", "segmenter", "--workers", 2, "--out", tmp_path / "ft"])
     assert "--workers applies to the detector" in out and not (tmp_path / "ft").exists()
+
+
+def test_nan_is_refused_where_click_would_let_it_through(tmp_path, coco128):
+    out = _invoke(["label", coco128 / "images", "--classes", "person", "--store", tmp_path / "s",
+                   "--flush-seconds", "nan"])
+    assert "'nan' is not a number" in out and not (tmp_path / "s").exists()
+
+
+def test_finetune_refuses_detector_options_for_sam_and_kinds_it_cannot_train(tmp_path):
+    (tmp_path / "store" / "labelsets").mkdir(parents=True)
+    base = ["teachers", "finetune", "--store", tmp_path / "store", "--out", tmp_path / "ft"]
+    out = _invoke(base + ["--teachers", "default", "--component", "segmenter", "--method", "full", "--rank", 4])
+    assert "--method, --rank apply to the detector" in out
+    owl = tmp_path / "owl.yaml"
+    owl.write_text("detector: {kind: owlv2, model: google/owlv2-base-patch16-ensemble}\n")
+    out = _invoke(base + ["--teachers", owl])
+    assert "fine-tuning covers detector kinds grounding-dino, mm-grounding-dino, not owlv2" in out
+    assert not (tmp_path / "ft").exists()

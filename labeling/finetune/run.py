@@ -152,7 +152,7 @@ def train_loop(config: dict) -> None:
     else:
         device = resolve_device(config["preset"]["device"])
     torch.manual_seed(cfg.seed)
-    processor, model = load_base(det["model"], det["revision"])
+    processor, model = load_base(det["model"], det["revision"], det.get("kind", "grounding-dino"))
     model = fd.make_trainable(model, cfg.method, cfg.rank)
     counts = fd.parameter_counts(model)
     fd.detection_model(model).loss_function = fd.grounding_dino_loss
@@ -208,12 +208,19 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def load_base(model: str, revision: str | None):
-    """``(processor, GroundingDinoForObjectDetection)`` of the preset's detector, as labelling loads it."""
-    from transformers import AutoProcessor, GroundingDinoForObjectDetection
+#: detector kinds ``teachers finetune`` trains -> the transformers class it loads (the same as labelling's)
+FINETUNE_DETECTORS = {"grounding-dino": "GroundingDinoForObjectDetection",
+                      "mm-grounding-dino": "MMGroundingDinoForObjectDetection"}
+
+
+def load_base(model: str, revision: str | None, kind: str = "grounding-dino"):
+    """``(processor, model)`` of the preset's detector of ``kind`` (:data:`FINETUNE_DETECTORS`), as
+    labelling loads it."""
+    import transformers
+    from transformers import AutoProcessor
 
     return (AutoProcessor.from_pretrained(model, revision=revision),
-            GroundingDinoForObjectDetection.from_pretrained(model, revision=revision))
+            getattr(transformers, FINETUNE_DETECTORS[kind]).from_pretrained(model, revision=revision))
 
 
 def save_weights(model, processor, method: str, out: Path) -> Path:

@@ -163,3 +163,16 @@ def test_full_size_random_teachers_have_the_real_architectures():
     assert sum(p.numel() for p in gd.parameters()) == 172_250_626
     assert list(gd.config.backbone_config.depths) == [2, 2, 6, 2] and gd.config.num_queries == 900
     assert round(sum(p.numel() for p in sam.parameters()) / 1e6, 1) == 93.7
+
+
+def test_a_model_folder_of_another_kind_fails_before_any_label_set(tiny_teachers, tmp_path):
+    gd = str(Path(tiny_teachers).parent / "grounding-dino")
+    p = TeacherPreset.from_dict({"detector": {"kind": "owlv2", "model": gd}})
+    with pytest.raises(PresetError, match="is a 'grounding-dino' model, not the 'owlv2' that detector.kind owlv2 loads"):
+        p.check_detector(Ontology.from_classes("person"), "p.yaml")
+    p = TeacherPreset.from_dict({"detector": {"model": gd}, "segmenter": {"kind": "sam2", "model": gd}})
+    with pytest.raises(PresetError, match="is a 'grounding-dino' model, not the 'sam2' that segmenter.kind sam2 loads"):
+        p.check_detector(Ontology.from_classes("person"), "p.yaml")
+    p = TeacherPreset.from_dict({"detector": {"model": gd}, "segmenter": {"kind": "sam-hq", "model": "w/sam.pth"}})
+    with pytest.raises(PresetError, match="is a weights file"):
+        p.check_detector(Ontology.from_classes("person"), "p.yaml")
