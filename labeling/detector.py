@@ -21,6 +21,8 @@ steps are separate methods so each can be checked alone:
 
 from __future__ import annotations
 
+import threading
+
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -47,6 +49,13 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
+
+#: Held around every transformers ``from_pretrained`` of a teacher model. ``run_label_job`` builds
+#: the stages in parallel threads (local runner), and transformers' loading is not thread-safe:
+#: two concurrent loads of a detector and a SAM 2 / SAM-HQ segmenter left weights on the meta
+#: device ("Cannot copy out of meta tensor"). segment-anything's ``torch.load`` needs no lock, so
+#: Grounding DINO + SAM still load in parallel.
+HF_LOAD_LOCK = threading.RLock()
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -206,8 +215,9 @@ class GroundingDinoTeacher:
         import transformers
         from transformers import AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(model, revision=revision)
-        net = getattr(transformers, self.model_class).from_pretrained(model, revision=revision)
+        with HF_LOAD_LOCK:
+            processor = AutoProcessor.from_pretrained(model, revision=revision)
+            net = getattr(transformers, self.model_class).from_pretrained(model, revision=revision)
         if adapter is not None:
             from peft import PeftModel
 
