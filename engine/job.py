@@ -28,7 +28,6 @@ import math
 import os
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
@@ -222,13 +221,13 @@ def _rows(batch: dict) -> Iterable[dict]:
 
 
 def build_stages(stages: list[StageSpec]) -> list:
-    """``cls(**kwargs)`` of every stage, built in parallel threads (model loads are mostly
-    file reads and tensor copies, which release the GIL); the first constructor error is raised."""
-    if len(stages) < 2:
-        return [s.cls(**s.kwargs) for s in stages]
-    with ThreadPoolExecutor(len(stages), thread_name_prefix="load-stage") as pool:
-        futures = [pool.submit(lambda s=s: s.cls(**s.kwargs)) for s in stages]
-        return [f.result() for f in futures]
+    """``cls(**kwargs)`` of every stage, one after the other.
+
+    Not in parallel threads: transformers' ``from_pretrained`` builds models under a context
+    that puts new parameters on the meta device, and that is process-wide state. A SAM built in
+    another thread during a Grounding DINO load got meta weights ("Cannot copy out of meta
+    tensor"), seen in the suite with every detector/segmenter pair."""
+    return [s.cls(**s.kwargs) for s in stages]
 
 
 def _batches_local(paths, stages, max_pixels, decode_batch_size):

@@ -50,11 +50,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-#: Held around every transformers ``from_pretrained`` of a teacher model. ``run_label_job`` builds
-#: the stages in parallel threads (local runner), and transformers' loading is not thread-safe:
-#: two concurrent loads of a detector and a SAM 2 / SAM-HQ segmenter left weights on the meta
-#: device ("Cannot copy out of meta tensor"). segment-anything's ``torch.load`` needs no lock, so
-#: Grounding DINO + SAM still load in parallel.
+#: Held around every transformers ``from_pretrained`` of a teacher model, for callers that
+#: build teachers from several threads: transformers' loading is not thread-safe (two
+#: concurrent loads left weights on the meta device, "Cannot copy out of meta tensor").
+#: ``run_label_job`` builds its stages one after the other for the same reason.
 HF_LOAD_LOCK = threading.RLock()
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

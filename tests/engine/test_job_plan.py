@@ -110,20 +110,16 @@ def test_timed_stage_refuses_a_stage_that_drops_rows():
         TimedStage(Drop, {}, "drop")({"x": np.arange(3)})
 
 
-def test_stages_load_in_parallel_threads_and_errors_surface():
-    import threading
-
+def test_stages_are_built_in_order_with_real_weights_and_errors_surface(tiny_teachers):
+    """Built in parallel threads, a SAM constructed during a Grounding DINO load got meta-device
+    weights (transformers' loading is process-wide state): every parameter must hold data."""
     from distillery.engine.job import StageSpec, build_stages
+    from distillery.labeling.ontology import Ontology
+    from distillery.labeling.teachers import TeacherPreset, teacher_stages
 
-    both = threading.Barrier(2, timeout=30)  # passes only if the two constructors run at once
-
-    class Load:
-        def __init__(self, name):
-            both.wait()
-            self.name = name
-
-    built = build_stages([StageSpec(Load, {"name": "detect"}), StageSpec(Load, {"name": "segment"})])
-    assert [b.name for b in built] == ["detect", "segment"]
+    built = build_stages(teacher_stages(TeacherPreset.load(tiny_teachers), Ontology.from_classes("person,car")))
+    nets = [built[0].teacher.model, built[1].teacher.sam]
+    assert all(p.device.type == "cpu" for net in nets for p in net.parameters())
 
     class Broken:
         def __init__(self):
