@@ -351,7 +351,8 @@ def validate(model, processor, images: list, ontology: Ontology, preset: dict, d
 
     d = preset["detector"]
     teacher = Loaded("", ontology, device=str(device), box_floor=d["box_floor"], nms_iou=d["nms_iou"],
-                     image_size=d["image_size"], max_detections=d["max_detections"])
+                     image_size=d["image_size"], max_detections=d["max_detections"],
+                     reuse_image_features=False)  # the model in training may be peft-wrapped: no feature cache
     dets = []
     for i in range(0, len(images), d["batch_size"]):
         dets += teacher([decode(im.path).pixels for im in images[i:i + d["batch_size"]]])

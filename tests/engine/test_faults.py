@@ -48,12 +48,20 @@ def rows(store):
 
 
 def same_labels(a, b):
+    """Same images, errors and instances; boxes, scores and masks equal up to float summation
+    order. The runs compared differ in torch's thread count (a killed subprocess, an in-process
+    rerun, Ray actors with their CPU share), and a reduction over another number of threads
+    changes the last bits (measured: scores differ at ~1e-7)."""
+    from pycocotools import mask as mask_utils
+
     assert [r.path for r in a] == [r.path for r in b]
     for x, y in zip(a, b):
         assert (x.image_id, x.error, x.num_instances) == (y.image_id, y.error, y.num_instances)
-        np.testing.assert_array_equal(x.boxes, y.boxes)
-        np.testing.assert_array_equal(x.scores, y.scores)
-        assert [m["counts"] for m in x.masks] == [m["counts"] for m in y.masks]
+        np.testing.assert_allclose(x.boxes, y.boxes, atol=1e-3)
+        np.testing.assert_allclose(x.scores, y.scores, atol=1e-5)
+        if x.masks:
+            iou = mask_utils.iou(list(x.masks), list(y.masks), [0] * len(y.masks)).diagonal()
+            assert (iou >= 0.99).all(), iou
 
 
 def file_digests(folder: Path) -> dict[str, str]:

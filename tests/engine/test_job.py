@@ -80,7 +80,7 @@ def test_ray_job_labels_good_images_and_records_bad_ones(pool, preset_path, tmp_
 def label_cmd(pool, store, preset_path):
     exe = Path(sys.executable).parent / "distillery"
     return [str(exe), "label", str(pool), "--classes", "person,car,giraffe", "--store", str(store),
-            "--teachers", str(preset_path), "--shard-size", "2", "--block-size", "2", "--quiet"]
+            "--teachers", str(preset_path), "--shard-size", "2", "--block-size", "2", "--runner", "ray", "--quiet"]
 
 
 def snapshot(store):
