@@ -10,6 +10,8 @@ from distillery.engine.cli import main
 
 
 def test_cli_label_info_export(tiny_teachers, coco128, tmp_path):
+    from distillery.engine.job import AUTO_LOCAL_BELOW
+
     r = CliRunner()
     lst = tmp_path / "few.txt"
     lst.write_text("\n".join(str(coco128 / "images" / n) for n in ["000000000009.jpg", "000000000025.jpg"]) + "\nmissing.jpg\n")
@@ -19,7 +21,8 @@ def test_cli_label_info_export(tiny_teachers, coco128, tmp_path):
     assert out.exit_code == 0, out.output
     assert "3 images processed this run" in out.stdout and "missing 1" in out.stdout
     # --runner auto: too few images to start Ray, said on stderr; the summary says where the time went
-    assert "runner local: 3 images < 64, too few to repay Ray's start-up (--runner ray to force it)" in out.stderr
+    assert (f"runner local: 3 images < {AUTO_LOCAL_BELOW}, too few to repay Ray's start-up "
+            "(--runner ray to force it)") in out.stderr
     assert "first labelled images after" in out.stderr
     assert "time: runner local, " in out.stdout and "busy: decode " in out.stdout
     info = r.invoke(main, ["labels", "info", "--store", str(store), "--json"])
