@@ -6,10 +6,12 @@
 
 One job labels N synthetic images (64x48 JPEG noise, each unique, so none is a duplicate) with
 the tiny random teachers at a small input size, so that it runs in minutes: Grounding DINO
-resized to 96 px (``detector.image_size``; its 100 queries need that many encoder tokens), at most 4 boxes per image, and SAM with the same
-modules at a 64 px input instead of 1024 (:class:`SmallSam`, built through
-:class:`distillery.labeling.segmenter.SamTeacher`). The models' cost is not what is measured
-here: what grows with the number of images is.
+resized to 96 px (``detector.image_size``; its 100 queries need that many encoder tokens), at
+most 4 boxes per image, and SAM with the same modules at a 64 px input instead of 1024
+(:class:`SmallSam`, built through :class:`distillery.labeling.segmenter.SamTeacher`). The
+models' cost is not what is measured here: what grows with the number of images is. With
+``--runner local`` everything runs in the driver, at ``--threads`` torch threads (default 1:
+the fastest for these tiny models on the shared 2-core machine).
 
 Every ``--every`` images (``on_row`` of :func:`run_label_job`) it samples the resident set size
 of the driver and of every process of the local Ray cluster this job started (psutil, the
@@ -60,7 +62,8 @@ def small_sam(img_size: int = 64):
         ),
         prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(img_size // patch,) * 2,
                                      input_image_size=(img_size, img_size), mask_in_chans=4),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=1, iou_head_hidden_dim=dim,
+        mask_decoder=MaskDecoder(num_multimask_outputs=3, transformer_dim=dim, iou_head_depth=1,
+                                 iou_head_hidden_dim=dim,
                                  transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=32, num_heads=1)),
         pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375],
     ).eval()

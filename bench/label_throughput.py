@@ -159,8 +159,9 @@ def main() -> None:
                 for th in threads:
                     torch.set_num_threads(th)
                     loops[th].append(user_loop(preset, onto, paths, tmp / f"json-{size}-{th}"))
-                    print(f"  loop, {th} torch thread(s), round {round_ + 1}: {n / (loops[th][-1]['load'] + loops[th][-1]['loop']):.3f} img/s",
-                          flush=True)
+                    last = loops[th][-1]
+                    print(f"  loop, {th} torch thread(s), round {round_ + 1}: "
+                          f"{n / (last['load'] + last['loop']):.3f} img/s", flush=True)
             if not jobs:
                 jobs = {r: label(preset_path, onto, paths, tmp / f"store-{size}-{r}", r) for r in runners}
             loops = {th: best(v) for th, v in loops.items()}
@@ -190,7 +191,8 @@ def report(name: str, n: int, loops: dict, s, threads: int, actors: dict[str, in
           f"(model loads: {loads})\n"
           f"    busy: {busy}; driver waited {s.wait_seconds:.1f} s; after the first batch "
           f"{s.steady_images_per_second:.3f} img/s\n"
-          f"    stages alone, {threads} thread(s) per actor: " + ", ".join(f"{k} {v:.3f} img/s" for k, v in rates.items())
+          f"    stages alone, {threads} thread(s) per actor: "
+          + ", ".join(f"{k} {v:.3f} img/s" for k, v in rates.items())
           + f"\n    efficiency: {rate / rates[slowest]:.2f} (label img/s / {slowest} alone; <= 1 by construction)",
           flush=True)
 

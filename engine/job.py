@@ -292,11 +292,14 @@ def _batches_ray(paths, stages, max_pixels, decode_batch_size, ray_address):
         yield batch
 
 
-#: ``runner="auto"`` runs a job of fewer pending images than this in-process. Starting Ray
-#: (``ray.init`` and one actor process per stage, each importing torch and its model's
-#: library) costs more than the pipelining it buys back on so few images: see
-#: :func:`choose_runner` for the measurement.
-AUTO_LOCAL_BELOW = 64
+#: ``runner="auto"`` runs a job of fewer pending images than this in-process, where starting
+#: Ray costs more than its pipelining buys back. Measured on the shared 2-core machine
+#: (``bench/label_throughput.py``, coco128): Ray's start-up is 40-80 s (``ray.init`` 13-17 s,
+#: then 23-40 s until the actor processes have imported torch and loaded the teachers), and
+#: the Ray job overtakes the in-process one after about 10-26 images with the tiny teachers
+#: and 2 with Grounding DINO-T + SAM ViT-B. On a GPU the per-image gain is smaller and the
+#: crossover later; such jobs are large anyway.
+AUTO_LOCAL_BELOW = 32
 
 
 def choose_runner(pending: int, ray_address: str | None = None) -> tuple[str, str]:

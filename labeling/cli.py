@@ -42,7 +42,7 @@ def name_option(what: str = "label set"):
               help="Teachers preset: a YAML file or a shipped name (distillery configs list).")
 @click.option("--runner", type=click.Choice(["auto", "ray", "local"]), default="auto", show_default=True,
               help="ray: Ray Data pipeline; local: same stages in this process, one batch at a time; auto: "
-                   "local for fewer than 64 images to label (Ray's start-up would not pay back), else ray.")
+                   "local for fewer than 32 images to label (Ray's start-up would not pay back), else ray.")
 @click.option("--ray-address", default=None, help="Address of an existing Ray cluster (default: start a local one).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
               help="Images above this many pixels become error records.")

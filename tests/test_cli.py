@@ -10,6 +10,8 @@ from distillery.engine.cli import main
 
 
 def test_cli_label_info_export(tiny_teachers, coco128, tmp_path):
+    from distillery.engine.job import AUTO_LOCAL_BELOW
+
     r = CliRunner()
     lst = tmp_path / "few.txt"
     lst.write_text("\n".join(str(coco128 / "images" / n) for n in ["000000000009.jpg", "000000000025.jpg"]) + "\nmissing.jpg\n")
@@ -24,7 +26,8 @@ def test_cli_label_info_export(tiny_teachers, coco128, tmp_path):
 
     runner = "ray" if ray.is_initialized() else "local"
     if runner == "local":
-        assert "runner local: 3 images < 64, too few to repay Ray's start-up (--runner ray to force it)" in out.stderr
+        assert (f"runner local: 3 images < {AUTO_LOCAL_BELOW}, too few to repay Ray's start-up "
+                "(--runner ray to force it)") in out.stderr
     else:
         assert "runner ray: Ray is already running in this process" in out.stderr
     assert "first labelled images after" in out.stderr

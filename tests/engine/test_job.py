@@ -80,7 +80,8 @@ def test_ray_job_labels_good_images_and_records_bad_ones(pool, preset_path, tmp_
 def label_cmd(pool, store, preset_path):
     exe = Path(sys.executable).parent / "distillery"
     return [str(exe), "label", str(pool), "--classes", "person,car,giraffe", "--store", str(store),
-            "--teachers", str(preset_path), "--shard-size", "2", "--block-size", "2", "--runner", "ray", "--quiet"]
+            "--teachers", str(preset_path), "--shard-size", "2", "--block-size", "2", "--quiet",
+            "--runner", "ray"]  # 14 images: --runner auto would stay in process
 
 
 def snapshot(store):

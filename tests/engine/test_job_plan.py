@@ -158,7 +158,8 @@ def test_local_job_summary_says_where_the_time_went(coco128, tmp_path):
                                   StageSpec(EmptyLabels, {}, batch_size=2)], runner="auto", progress=False,
                       log=lines.append)
     assert (s.processed, s.labeled, dict(s.errors)) == (4, 3, {"missing": 1})
-    assert s.runner == "local" and lines[0] == s.runner_reason and s.runner_reason.startswith("runner local: 4 images <")
+    assert s.runner == "local" and lines[0] == s.runner_reason
+    assert s.runner_reason.startswith("runner local: 4 images <")
     assert lines[1] == "loading pass, EmptyLabels in this process..."
     assert lines[2].startswith("first labelled images after ")
     assert set(s.busy_seconds) == {"decode", "pass", "EmptyLabels", "write"}
