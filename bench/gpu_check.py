@@ -135,6 +135,7 @@ def _fp16_engine(onnx_path: Path, out: Path) -> None:
 
 def _run_engine(path: Path, xs: list, rounds: int) -> tuple[list, float]:
     """Outputs (numpy, per input) and median latency ms of a serialized engine, batch 1."""
+    import numpy as np
     import tensorrt as trt
     import torch
 
@@ -143,7 +144,7 @@ def _run_engine(path: Path, xs: list, rounds: int) -> tuple[list, float]:
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     bufs = {}
     for n in names:
-        dtype = torch.from_numpy(__import__("numpy").zeros(0, trt.nptype(engine.get_tensor_dtype(n)))).dtype
+        dtype = torch.from_numpy(np.zeros(0, trt.nptype(engine.get_tensor_dtype(n)))).dtype
         bufs[n] = torch.empty(tuple(engine.get_tensor_shape(n)), dtype=dtype, device="cuda")
         ctx.set_tensor_address(n, bufs[n].data_ptr())
     inp = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT][0]

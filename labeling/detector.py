@@ -21,8 +21,6 @@ steps are separate methods so each can be checked alone:
 
 from __future__ import annotations
 
-import threading
-
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -49,12 +47,6 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
-
-#: Held around every transformers ``from_pretrained`` of a teacher model, for callers that
-#: build teachers from several threads: transformers' loading is not thread-safe (two
-#: concurrent loads left weights on the meta device, "Cannot copy out of meta tensor").
-#: ``run_label_job`` builds its stages one after the other for the same reason.
-HF_LOAD_LOCK = threading.RLock()
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -214,9 +206,8 @@ class GroundingDinoTeacher:
         import transformers
         from transformers import AutoProcessor
 
-        with HF_LOAD_LOCK:
-            processor = AutoProcessor.from_pretrained(model, revision=revision)
-            net = getattr(transformers, self.model_class).from_pretrained(model, revision=revision)
+        processor = AutoProcessor.from_pretrained(model, revision=revision)
+        net = getattr(transformers, self.model_class).from_pretrained(model, revision=revision)
         if adapter is not None:
             from peft import PeftModel
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_convert, clip_boxes_to_image
 
-from distillery.labeling.detector import (DTYPES, HF_LOAD_LOCK, Detections, check_precision_and_merge,
+from distillery.labeling.detector import (DTYPES, Detections, check_precision_and_merge,
                                          merge_agnostic, merge_class_aware, resolve_device)
 from distillery.labeling.ontology import Ontology, OntologyError
 
@@ -104,9 +104,8 @@ class Owlv2Teacher:
         import transformers
         from transformers import AutoProcessor
 
-        with HF_LOAD_LOCK:
-            self.processor = AutoProcessor.from_pretrained(model, revision=revision)
-            self.model = getattr(transformers, self.model_class).from_pretrained(model, revision=revision)
+        self.processor = AutoProcessor.from_pretrained(model, revision=revision)
+        self.model = getattr(transformers, self.model_class).from_pretrained(model, revision=revision)
         self.model.to(self.device, self.dtype).eval()
         self.ontology = ontology
         self.merge = merge

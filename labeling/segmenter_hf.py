@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distillery.labeling.detector import DTYPES, HF_LOAD_LOCK, resolve_device
+from distillery.labeling.detector import DTYPES, resolve_device
 from distillery.labeling.segmenter import MIN_REGION_AREA, masks_for_boxes
 
 
@@ -75,9 +75,8 @@ class HFSegmenter:
             raise ValueError(f"segmenter.model {model!r} is a {config.model_type!r} model, not the "
                              f"{self.model_type!r} that segmenter.kind {self.kind} loads; set the kind that matches it")
         try:
-            with HF_LOAD_LOCK:
-                self.model = getattr(transformers, self.model_class).from_pretrained(model, revision=revision)
-                self.processor = getattr(transformers, self.processor_class).from_pretrained(model, revision=revision)
+            self.model = getattr(transformers, self.model_class).from_pretrained(model, revision=revision)
+            self.processor = getattr(transformers, self.processor_class).from_pretrained(model, revision=revision)
         except (OSError, ValueError) as e:
             raise self._load_error(model, e) from e
         self.model = self.model.to(self.device).eval()

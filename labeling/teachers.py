@@ -342,7 +342,9 @@ class TeacherPreset(StrictConfig):
         if not Path(s.model).is_dir() and Path(s.model).suffix in (".pth", ".pt", ".bin", ".safetensors"):
             raise PresetError(f"{source}: segmenter.model {s.model!r} is a weights file; kind {s.kind} loads a "
                               "from_pretrained folder or hub id (segment-anything .pth files are kind sam's checkpoint)")
-        want = {"sam2": "sam2", "sam-hq": "sam_hq"}.get(s.kind, s.kind)
+        from distillery.labeling.segmenter_hf import HFSegmenter
+
+        want = {c.kind: c.model_type for c in HFSegmenter.__subclasses__()}[s.kind]
         try:
             cfg = AutoConfig.from_pretrained(s.model, revision=s.revision)
         except (OSError, ValueError) as e:
