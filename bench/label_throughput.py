@@ -5,12 +5,17 @@
     python bench/label_throughput.py --full --no-tiny --n-full 4 --rounds 1
                                                            # Grounding DINO-T + SAM ViT-B, random weights
     python bench/label_throughput.py --runner ray,local,auto
+    python bench/label_throughput.py --kind grounding-dino+sam --kind owlv2+sam2 --kind mm-grounding-dino+sam-hq
+                                                           # teacher combinations side by side
 
-For each teacher size, on the same photos and the same teachers (written by
-``distillery.labeling.tiny.write_tiny_teachers``, loaded through the real loading code):
+For each teacher combination (``--kind``, repeatable: ``DETECTOR+SEGMENTER`` or a grounded
+``TEACHER`` kind; default ``grounding-dino+sam``) and size, on the same photos and the same
+teachers (written by ``distillery teachers tiny --kind ... --size ...``, loaded through the
+real loading code and built by the preset's kinds, :mod:`distillery.labeling.kinds`):
 
 * **loop**: what autodistill's and ultralytics' ``auto_annotate`` loops do: load both
-  teachers, then one image at a time decode, detect, segment and write a JSON file (boxes,
+  teachers (or the one grounded teacher), then one image at a time decode, detect, segment
+  (or label, grounded) and write a JSON file (boxes,
   soft scores, RLE masks). img/s over the whole loop, model loads included; run at torch's
   default thread count (what users get) and at the count the job gives each actor. Each
   step is timed, which gives each stage's rate *running alone* at that thread count.
@@ -25,6 +30,9 @@ For each teacher size, on the same photos and the same teachers (written by
   the job gives each of its actors (times its actor count). The job pushes every image
   through that stage with no more resources, so the figure is <= 1 by construction; 1 -
   efficiency is what start-up, stalls and contention cost.
+
+With more than one combination, a last table puts them side by side: loop and label img/s
+and their ratio per combination and size.
 
 The machine is shared: figures move with other load, and OpenMP threads spin, so a process
 running more threads than the cores it gets loses most of its time (on the 2-core machine
@@ -41,6 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,42 +59,59 @@ from distillery.engine.config import resolve_config  # noqa: E402
 from distillery.engine.images import decode  # noqa: E402
 from distillery.engine.job import actor_threads, plan_actor_cpus, run_label_job  # noqa: E402
 from distillery.engine.store import LabelStore  # noqa: E402
-from distillery.labeling.detector import GroundingDinoTeacher  # noqa: E402
+from distillery.labeling.kinds import build_detector, build_grounded, build_segmenter  # noqa: E402
 from distillery.labeling.ontology import Ontology  # noqa: E402
-from distillery.labeling.segmenter import SamTeacher  # noqa: E402
 from distillery.labeling.teachers import TeacherPreset, labelset_spec, teacher_stages  # noqa: E402
 
 DEFAULT_THREADS = __import__("torch").get_num_threads()  # torch's default: what a user's loop runs with
 
 
 def user_loop(preset: TeacherPreset, onto: Ontology, paths: list[str], out: Path) -> dict[str, float]:
-    """The per-image loop. Returns seconds: ``load`` (both models), ``loop`` (all images), and
-    per step summed over the images (``decode``, ``detect``, ``segment``, ``write``): each stage
-    running alone, one image at a time."""
-    d, s = preset.detector, preset.segmenter
+    """The per-image loop. Returns seconds: ``load`` (the models), ``loop`` (all images), and
+    per step summed over the images (``decode``, ``detect`` and ``segment`` -- or ``label`` for
+    a grounded teacher --, ``write``): each stage running alone, one image at a time."""
     t0 = time.perf_counter()
-    det = GroundingDinoTeacher(d.model, onto, device=preset.device, box_floor=d.box_floor, nms_iou=d.nms_iou,
-                               image_size=d.image_size, max_detections=d.max_detections, merge=d.merge)
-    sam = SamTeacher(s.model_type, s.checkpoint, device=preset.device, boxes_per_call=s.boxes_per_call)
+    if preset.teacher is not None:
+        grounded = build_grounded(preset, onto)
+    else:
+        det, sam = build_detector(preset, onto), build_segmenter(preset)
     t1 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    steps = dict.fromkeys(("decode", "detect", "segment", "write"), 0.0)
+    names = ("label",) if preset.teacher is not None else ("detect", "segment")
+    steps = dict.fromkeys(("decode", *names, "write"), 0.0)
     for p in paths:
         t = time.perf_counter()
         im = decode(p)
         steps["decode"] += (t2 := time.perf_counter()) - t
         if im.error is not None:
             continue
-        (r,) = det([im.pixels])
-        steps["detect"] += (t3 := time.perf_counter()) - t2
-        masks, mask_score = sam(im.pixels, r.boxes)
-        steps["segment"] += (t4 := time.perf_counter()) - t3
+        if preset.teacher is not None:
+            ((r, masks, mask_score),) = grounded([im.pixels])
+            steps["label"] += (t4 := time.perf_counter()) - t2
+        else:
+            (r,) = det([im.pixels])
+            steps["detect"] += (t3 := time.perf_counter()) - t2
+            masks, mask_score = sam(im.pixels, r.boxes)
+            steps["segment"] += (t4 := time.perf_counter()) - t3
         record = {"image": p, "width": im.width, "height": im.height, "boxes": r.boxes.tolist(),
-                  "scores": r.scores.tolist(), "mask_score": mask_score.tolist(),
+                  "scores": r.scores.tolist(), "mask_score": np.asarray(mask_score).tolist(),
                   "masks": [{"size": m["size"], "counts": m["counts"].decode()} for m in masks]}
         (out / f"{Path(p).stem}.json").write_text(json.dumps(record))
         steps["write"] += time.perf_counter() - t4
     return {"load": t1 - t0, "loop": time.perf_counter() - t1, **steps}
+
+
+def write_teachers(out: Path, combo: str, size: str) -> Path:
+    """``distillery teachers tiny OUT --kind ... --size SIZE`` for a ``DET+SEG`` or grounded combination."""
+    from click.testing import CliRunner
+
+    from distillery.engine.cli import main as cli
+
+    kinds = [a for k in combo.split("+") for a in ("--kind", k)]
+    r = CliRunner().invoke(cli, ["teachers", "tiny", str(out), "--size", size, *kinds])
+    if r.exit_code != 0:
+        raise SystemExit(f"--kind {combo}: {r.output.strip()}")
+    return out / "teachers.yaml"
 
 
 def label(preset_path: Path, onto: Ontology, paths: list[str], store: Path, runner: str):
@@ -125,53 +152,66 @@ def main() -> None:
     ap.add_argument("--runner", default="ray", help="comma-separated: ray, local, auto (what `label` picks)")
     ap.add_argument("--segment-actors", type=int, default=None, help="segmenter actors (default: the preset's, 1)")
     ap.add_argument("--rounds", type=int, default=2, help="loop rounds, before and after the jobs; best kept")
+    ap.add_argument("--kind", action="append", default=None, metavar="DET+SEG|TEACHER",
+                    help="teacher combination (repeatable), e.g. owlv2+sam2; default grounding-dino+sam")
     args = ap.parse_args()
     import torch
     import yaml
 
-    from distillery.labeling.tiny import write_tiny_teachers
-
     onto = Ontology.load(resolve_config("ontology", "coco80"))
     all_paths = sorted(str(p) for p in Path(args.images).glob("*.jpg"))
     runners = args.runner.split(",")
+    combos = args.kind or ["grounding-dino+sam"]
+    table = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        runs = [] if args.no_tiny else [("tiny", "tiny", all_paths[: args.n])]
+        runs = [] if args.no_tiny else [("tiny", all_paths[: args.n])]
         if args.full:
-            runs.append(("full-size (Grounding DINO-T, SAM ViT-B)", "full", all_paths[: args.n_full]))
-        for name, size, paths in runs:
-            n = len(paths)
-            preset_path = write_tiny_teachers(tmp / size, size=size)
-            if args.segment_actors:
-                data = yaml.safe_load(preset_path.read_text())
-                data["segmenter"]["actors"] = args.segment_actors
-                preset_path.write_text(yaml.safe_dump(data))
-            preset = TeacherPreset.load(preset_path)
-            specs = teacher_stages(preset, onto)
-            threads = sorted({DEFAULT_THREADS} | {stage_threads(r if r != "auto" else "ray", specs) for r in runners})
-            print(f"{name}: {n} coco128 photos; detector x{specs[0].actors}, segmenter x{specs[1].actors} actors",
-                  flush=True)
-            loops: dict[int, list] = {th: [] for th in threads}
-            jobs = {}
-            for round_ in range(max(1, args.rounds)):
-                if round_ == 1:  # the jobs between two rounds of loops: the same load around both
-                    jobs = {r: label(preset_path, onto, paths, tmp / f"store-{size}-{r}", r) for r in runners}
-                for th in threads:
-                    torch.set_num_threads(th)
-                    loops[th].append(user_loop(preset, onto, paths, tmp / f"json-{size}-{th}"))
-                    last = loops[th][-1]
-                    print(f"  loop, {th} torch thread(s), round {round_ + 1}: "
-                          f"{n / (last['load'] + last['loop']):.3f} img/s", flush=True)
-            if not jobs:
-                jobs = {r: label(preset_path, onto, paths, tmp / f"store-{size}-{r}", r) for r in runners}
-            loops = {th: best(v) for th, v in loops.items()}
-            for th, v in loops.items():
-                print(f"  loop, {th} torch thread(s){' (the default)' if th == DEFAULT_THREADS else ''}: "
-                      f"{n / (v['load'] + v['loop']):.3f} img/s (models loaded in {v['load']:.1f} s, then "
-                      f"{n / v['loop']:.3f} img/s)", flush=True)
-            for asked, s in jobs.items():
-                report(f"{asked}" + (f" -> {s.runner}" if asked == "auto" else ""), n, loops, s,
-                       stage_threads(s.runner, specs), {sp.name: sp.actors for sp in specs})
+            runs.append(("full", all_paths[: args.n_full]))
+        for combo in combos:
+            for size, paths in runs:
+                n = len(paths)
+                name = f"{combo}, {size}" + (" (real architectures, random weights)" if size == "full" else "")
+                where = tmp / f"{combo}-{size}"
+                preset_path = write_teachers(where, combo, size)
+                if args.segment_actors:
+                    data = yaml.safe_load(preset_path.read_text())
+                    data["segmenter"]["actors"] = args.segment_actors
+                    preset_path.write_text(yaml.safe_dump(data))
+                preset = TeacherPreset.load(preset_path)
+                specs = teacher_stages(preset, onto)
+                threads = sorted({DEFAULT_THREADS} | {stage_threads(r if r != "auto" else "ray", specs)
+                                                      for r in runners})
+                print(f"{name}: {n} coco128 photos; " + ", ".join(f"{sp.name} x{sp.actors}" for sp in specs)
+                      + " actor(s)", flush=True)
+                loops: dict[int, list] = {th: [] for th in threads}
+                jobs = {}
+                for round_ in range(max(1, args.rounds)):
+                    if round_ == 1:  # the jobs between two rounds of loops: the same load around both
+                        jobs = {r: label(preset_path, onto, paths, where / f"store-{r}", r) for r in runners}
+                    for th in threads:
+                        torch.set_num_threads(th)
+                        loops[th].append(user_loop(preset, onto, paths, where / f"json-{th}"))
+                        last = loops[th][-1]
+                        print(f"  loop, {th} torch thread(s), round {round_ + 1}: "
+                              f"{n / (last['load'] + last['loop']):.3f} img/s", flush=True)
+                if not jobs:
+                    jobs = {r: label(preset_path, onto, paths, where / f"store-{r}", r) for r in runners}
+                loops = {th: best(v) for th, v in loops.items()}
+                for th, v in loops.items():
+                    print(f"  loop, {th} torch thread(s){' (the default)' if th == DEFAULT_THREADS else ''}: "
+                          f"{n / (v['load'] + v['loop']):.3f} img/s (models loaded in {v['load']:.1f} s, then "
+                          f"{n / v['loop']:.3f} img/s)", flush=True)
+                loop_rate = n / (loops[DEFAULT_THREADS]["load"] + loops[DEFAULT_THREADS]["loop"])
+                for asked, s in jobs.items():
+                    report(f"{asked}" + (f" -> {s.runner}" if asked == "auto" else ""), n, loops, s,
+                           stage_threads(s.runner, specs), {sp.name: sp.actors for sp in specs})
+                    table.append((combo, size, asked, loop_rate, s.images_per_second))
+    if len(table) > 1:
+        print("\nside by side (loop at the default thread count, label from a cold start):")
+        print(f"  {'teachers':<28} {'size':<5} {'runner':<6} {'loop img/s':>10} {'label img/s':>11} {'ratio':>6}")
+        for combo, size, runner, lr, jr in table:
+            print(f"  {combo:<28} {size:<5} {runner:<6} {lr:>10.3f} {jr:>11.3f} {jr / lr:>6.2f}")
 
 
 def report(name: str, n: int, loops: dict, s, threads: int, actors: dict[str, int]) -> None:
@@ -182,7 +222,7 @@ def report(name: str, n: int, loops: dict, s, threads: int, actors: dict[str, in
     ready = ", ".join(f"{k} {v:.1f} s" for k, v in s.ready_seconds.items())
     alone = loops[threads]
     # a stage with k actors gets k times one actor's resources: the bound stays an upper bound
-    rates = {k: n / alone[k] * actors.get(k, 1) for k in ("decode", "detect", "segment", "write")}
+    rates = {k: n / alone[k] * actors.get(k, 1) for k in alone if k not in ("load", "loop")}
     slowest = min(rates, key=rates.get)
     print(f"  label, runner {name}: {rate:.3f} img/s over {s.seconds:.1f} s\n"
           f"    ratio label / loop: {vs[DEFAULT_THREADS]:.2f} (loop at the default {DEFAULT_THREADS} threads)"

@@ -65,18 +65,22 @@ class StudentOnnx(_FileKind):
 
 
 class StudentModel(_FileKind):
-    """A student to run: an ultralytics segmentation checkpoint or a segmentation ONNX export."""
+    """A student to run: an ultralytics segmentation checkpoint, a segmentation ONNX export, or
+    an OpenVINO model folder written by ``distillery export openvino``."""
 
     name = "student"
 
     def check(self, value, name):
-        if filekinds.describe(value) == "an ONNX model":
+        if Path(value).expanduser().is_dir():
+            filekinds.openvino_folder(value, name)
+        elif filekinds.describe(value) == "an ONNX model":
             filekinds.onnx_model(value, name, student=True)
         else:
             try:
                 filekinds.ultralytics_checkpoint(value, name)
             except filekinds.FileKindError as e:
-                raise filekinds.FileKindError(f"{e}, or an .onnx written by `distillery export onnx`") from e
+                raise filekinds.FileKindError(f"{e}, or an .onnx written by `distillery export onnx`, or a folder "
+                                              "written by `distillery export openvino`") from e
 
 
 class TrainModel(_FileKind):

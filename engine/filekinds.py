@@ -387,3 +387,46 @@ def model_config(value: str, name: str = "", task: str = "segment") -> str:
         raise FileKindError(f"{_prefix(value, name)} is {what}, not an ultralytics model YAML or {task} "
                             f"checkpoint; {hint}")
     return s
+
+
+#: ultralytics recognises an OpenVINO model folder by this name ending (``AutoBackend``)
+OPENVINO_SUFFIX = "_openvino_model"
+OPENVINO_FOLDER_HINT = "give the folder written by `distillery export openvino` (NAME_openvino_model/)"
+
+
+def openvino_folder(path: str | os.PathLike, name: str = "") -> Path:
+    """The ``*.xml`` of the OpenVINO segmentation student in folder ``path``, checked without
+    importing OpenVINO: the name ends in ``_openvino_model``, one ``*.xml`` with its ``.bin``,
+    a ``metadata.yaml`` mapping with ``task: segment`` and ``names``.
+
+    Raises:
+        FileKindError: naming the folder, what it is, and the fix.
+    """
+    p = Path(path).expanduser()
+    what = f"{name} {path}" if name else str(path)
+    if not p.exists():
+        raise FileKindError(f"{what} does not exist; {OPENVINO_FOLDER_HINT}")
+    if not p.is_dir():
+        raise FileKindError(f"{what} is {describe(p)}, not an OpenVINO model folder; {OPENVINO_FOLDER_HINT}")
+    if not p.name.endswith(OPENVINO_SUFFIX) or p.name == OPENVINO_SUFFIX:
+        raise FileKindError(f"{what} is a folder whose name does not end in {OPENVINO_SUFFIX}, which is how ultralytics "
+                            f"recognises an OpenVINO model; rename it (e.g. student{OPENVINO_SUFFIX}) or {OPENVINO_FOLDER_HINT}")
+    xmls = sorted(p.glob("*.xml"))
+    if len(xmls) != 1:
+        raise FileKindError(f"{what} holds {len(xmls)} .xml files, not one OpenVINO model; {OPENVINO_FOLDER_HINT}")
+    if not xmls[0].with_suffix(".bin").is_file():
+        raise FileKindError(f"{what}: {xmls[0].name} has no {xmls[0].with_suffix('.bin').name} beside it; "
+                            f"{OPENVINO_FOLDER_HINT}")
+    import yaml
+
+    meta_path = p / "metadata.yaml"
+    try:
+        meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else None
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise FileKindError(f"{what}: metadata.yaml cannot be read ({e}); {OPENVINO_FOLDER_HINT}") from e
+    if not isinstance(meta, dict) or meta.get("task") != "segment" or "names" not in meta:
+        got = "no metadata.yaml" if meta is None else f"task {meta.get('task')}" if isinstance(meta, dict) else \
+            "a metadata.yaml that is not a mapping"
+        raise FileKindError(f"{what} is an OpenVINO model folder but not a segmentation student ({got}); "
+                            f"{OPENVINO_FOLDER_HINT}")
+    return xmls[0]

@@ -258,6 +258,9 @@ def _batches_ray(paths, stages, max_pixels, decode_batch_size, ray_address):
 
     if not ray.is_initialized():
         if ray_address:
+            from distillery.engine.ray_local import check_ray_address
+
+            check_ray_address(ray_address)
             ray.init(address=ray_address, log_to_driver=False)
         else:
             from distillery.engine.ray_local import init_local_ray

@@ -8,6 +8,8 @@ writing is reported, not read half-written):
 - every shard: a readable Parquet file whose schema is :data:`ROW_SCHEMA`, with the row
   count the manifest's ``shards`` map records; a shard on disk that the map lacks, or one the
   map lists that is gone;
+- no image labelled twice: a labelled row of a path that another shard labels too (a copied
+  shard), or two labelled rows with the same image id (same bytes) under different paths;
 - every row: a valid :class:`LabelRecord` (shapes, boxes inside the frame, scores in
   [0, 1], mask sizes = the image's ``[height, width]``), and every mask a decodable COCO RLE
   (:func:`rle_problem`);
@@ -133,6 +135,9 @@ def _check_shards(ls: LabelSet, rep: VerifyReport) -> set[str] | None:
     recorded = ls.shard_rows
     C = len(ls.classes)
     ids: set[str] = set()
+    labelled: dict[str, tuple[str, str]] = {}  # image_id -> (path, shard) of its labelled row
+    repeats: Counter = Counter()  # (shard, earlier shard) -> labelled rows of one repeated in the other
+    same_bytes: list[tuple[str, str, str]] = []
     complete = True
     on_disk = ls.shards()
     for p in on_disk:
@@ -158,6 +163,13 @@ def _check_shards(ls: LabelSet, rep: VerifyReport) -> set[str] | None:
         for i, row in enumerate(t.to_pylist()):
             rep.rows += 1
             ids.add(row["image_id"])
+            if row["error"] is None:
+                seen = labelled.setdefault(row["image_id"], (row["path"], p.name))
+                if seen != (row["path"], p.name):
+                    if seen[0] == row["path"]:
+                        repeats[(p.name, seen[1])] += 1
+                    else:
+                        same_bytes.append((p.name, row["path"], seen[0]))
             try:
                 rec = LabelRecord.from_row(row, C)
             except (RecordError, ValueError, TypeError) as e:
@@ -169,6 +181,14 @@ def _check_shards(ls: LabelSet, rep: VerifyReport) -> set[str] | None:
                 if why:
                     rep.problems.append(f"{p}: row {i} ({rec.path}) instance {j}: {why}; relabel the image (move the "
                                         "shard out of the store and rerun `distillery label`)")
+    for (name, earlier), n in sorted(repeats.items()):
+        rep.problems.append(f"{ls.shard_dir / name}: {n} labelled row(s) repeat those of {earlier} (a copied shard?); "
+                            "move the copy out of the store (`distillery label` never labels an image twice)")
+    for name, path, first in same_bytes[:10]:
+        rep.problems.append(f"{ls.shard_dir / name}: {path} is labelled but has the same bytes as {first}, labelled "
+                            "too (the writer stores such a file as a duplicate error); restore the shard from a backup")
+    if len(same_bytes) > 10:
+        rep.problems.append(f"{ls.shard_dir}: ... {len(same_bytes) - 10} more images labelled twice under other paths")
     for name in sorted(set(recorded or {}) - {p.name for p in on_disk}):
         rep.problems.append(f"{ls.shard_dir / name}: listed in the manifest ({recorded[name]} rows) but missing; "
                             "restore it from a backup, or rerun `distillery label` to relabel its images")

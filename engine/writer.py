@@ -17,6 +17,10 @@ Memory per image in the driver: duplicates are found through
 first path read back from its shard), not a dict of paths. ``done_paths`` (the paths
 already final when the writer opened, and, with ``track_paths``, those added since) is a
 set of path strings: the labeling job reads it once, then frees it.
+
+Rows whose error may pass on a retry (:data:`~distillery.engine.images.RETRYABLE_ERRORS`:
+missing, unreadable, ...) are not final: a rerun tries those images again. A retry that
+fails with the same error appends nothing, so reruns over a broken file do not grow the store.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class LabelSetWriter:
         recorded = self.ls.shard_rows or {}
         unrecorded: dict[str, int] = {}
         done: set[str] = set()
+        retry: dict[str, str] = {}
         for ordinal, p in enumerate(self.ls.shards()):
             try:
                 t = pq.read_table(p, columns=["path", "image_id", "error"])
@@ -112,11 +117,16 @@ class LabelSetWriter:
             for path, err in zip(paths, errors):
                 if err is None or error_kind(err) not in RETRYABLE_ERRORS:
                     done.add(path)
+                    retry.pop(path, None)
                 else:
                     done.discard(path)  # the last row of a path decides
+                    retry[path] = err
             self._index.add((i for i, e in zip(ids, errors) if e is None), ordinal)
         #: paths whose live row is final (labels, a duplicate); retryable errors are not
         self.done_paths: set[str] = done
+        #: path -> error text of live retryable error rows: a retry that fails the same way
+        #: appends nothing (the live row already says so). Memory: one entry per failed image.
+        self._retry_errors: dict[str, str] = retry
         if unrecorded or self.ls.shard_rows is None:
             try:
                 self.ls.update_manifest(lambda m: m.setdefault("shards", {}).update(unrecorded))
@@ -149,6 +159,8 @@ class LabelSetWriter:
         """
         with self._mutex:
             self._raise_timer_error()
+            if row["error"] is not None and self._retry_errors.get(row["path"]) == row["error"]:
+                return row  # the same failure as the live row: nothing new to store
             if row["error"] is None:
                 first = self._first_path(row["image_id"])
                 if first is None:

@@ -42,9 +42,11 @@ from pathlib import Path
 
 import yaml
 
-SUFFIX = "_openvino_model"
+from distillery.engine.filekinds import OPENVINO_FOLDER_HINT as FOLDER_HINT
+from distillery.engine.filekinds import OPENVINO_SUFFIX as SUFFIX
+from distillery.engine.filekinds import openvino_folder  # noqa: F401  (the export's folder check, re-exported)
+
 INSTALL_HINT = "pip install 'distillery[openvino]'"
-FOLDER_HINT = "give the folder written by `distillery export openvino` (NAME_openvino_model/)"
 #: NNCF presets: ``mixed`` (symmetric weights, asymmetric activations: suits SiLU outputs, which
 #: are not centred on 0) and ``performance`` (both symmetric).
 PRESETS = ("mixed", "performance")
@@ -77,44 +79,6 @@ def _import(int8: bool):
     except ImportError as e:
         raise OpenVinoMissing(f"OpenVINO INT8 export needs the nncf package (not installed): {INSTALL_HINT}") from e
     return ov, nncf
-
-
-def openvino_folder(path: str | os.PathLike, name: str = "") -> Path:
-    """The ``*.xml`` of the OpenVINO segmentation student in folder ``path``, checked without
-    importing OpenVINO: the name ends in ``_openvino_model``, one ``*.xml`` with its ``.bin``,
-    a ``metadata.yaml`` mapping with ``task: segment`` and ``names``.
-
-    Raises:
-        distillery.engine.filekinds.FileKindError: naming the folder, what it is, and the fix.
-    """
-    from distillery.engine.filekinds import FileKindError, describe
-
-    p = Path(path).expanduser()
-    what = f"{name} {path}" if name else str(path)
-    if not p.exists():
-        raise FileKindError(f"{what} does not exist; {FOLDER_HINT}")
-    if not p.is_dir():
-        raise FileKindError(f"{what} is {describe(p)}, not an OpenVINO model folder; {FOLDER_HINT}")
-    if not p.name.endswith(SUFFIX) or p.name == SUFFIX:
-        raise FileKindError(f"{what} is a folder whose name does not end in {SUFFIX}, which is how ultralytics "
-                            f"recognises an OpenVINO model; rename it (e.g. student{SUFFIX}) or {FOLDER_HINT}")
-    xmls = sorted(p.glob("*.xml"))
-    if len(xmls) != 1:
-        raise FileKindError(f"{what} holds {len(xmls)} .xml files, not one OpenVINO model; {FOLDER_HINT}")
-    if not xmls[0].with_suffix(".bin").is_file():
-        raise FileKindError(f"{what}: {xmls[0].name} has no {xmls[0].with_suffix('.bin').name} beside it; "
-                            f"{FOLDER_HINT}")
-    meta_path = p / "metadata.yaml"
-    try:
-        meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else None
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise FileKindError(f"{what}: metadata.yaml cannot be read ({e}); {FOLDER_HINT}") from e
-    if not isinstance(meta, dict) or meta.get("task") != "segment" or "names" not in meta:
-        got = "no metadata.yaml" if meta is None else f"task {meta.get('task')}" if isinstance(meta, dict) else \
-            "a metadata.yaml that is not a mapping"
-        raise FileKindError(f"{what} is an OpenVINO model folder but not a segmentation student ({got}); "
-                            f"{FOLDER_HINT}")
-    return xmls[0]
 
 
 def folder_metadata(path: str | os.PathLike, name: str = "") -> dict:

@@ -75,6 +75,10 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
 
     if bool(classes) == bool(ontology_path):
         raise UserError("give exactly one of --classes or --ontology")
+    if ray_address:
+        from distillery.engine.ray_local import check_ray_address
+
+        check_ray_address(ray_address)  # before a label set exists
     paths = list_sources(sources)  # before any model or tokenizer loads
     if not paths:
         raise UserError(f"no images found in {', '.join(sources)} (suffixes .jpg .jpeg .png .bmp .webp .tif .gif)")
@@ -104,7 +108,10 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
     )
     if s.processed:
         click.echo(_time_line(s))
-    _echo_store_totals(ls)
+    totals = _echo_store_totals(ls)
+    if s.processed and not totals.labeled and sum(s.errors.values()) == s.processed:
+        raise UserError(f"every one of the {s.processed} images failed ({errors}) and label set {ls.id} holds no "
+                        "labelled image: fix or remove the files listed above and rerun the same command")
 
 
 def _time_line(s) -> str:
@@ -116,7 +123,8 @@ def _time_line(s) -> str:
             f"after {ready or '-'}, of which loading {loads or '-'}); busy: {busy}")
 
 
-def _echo_store_totals(ls, show: int = 10) -> None:
+def _echo_store_totals(ls, show: int = 10):
+    """Print a label set's totals and first error records; returns its LabelSetCounts."""
     c = ls.counts()
     errors = ", ".join(f"{k} {v}" for k, v in sorted(c.errors.items())) or "none"
     named = f" ({ls.name})" if ls.name else ""
@@ -127,6 +135,7 @@ def _echo_store_totals(ls, show: int = 10) -> None:
         click.echo(f"  {path}: {reason}")
     if len(errs) > show:
         click.echo(f"  ... {len(errs) - show} more: distillery labels info --store STORE --errors")
+    return c
 
 
 @click.group("labels")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from distillery.engine.cli_errors import fail_cleanly
+from distillery.engine.cli_errors import UserError, fail_cleanly
 from distillery.engine.cli_types import CocoJson, FloatRange, ImageFolder, Output, Store, StudentModel, TrainModel
 
 
@@ -101,7 +101,7 @@ def train_cmd(store, labelset, curation, model, epochs, imgsz, batch, out, min_s
 
 @click.command("eval")
 @click.option("--model", "model_path", type=StudentModel(), default=None,
-              help="Student checkpoint (.pt), or its ONNX export, to evaluate.")
+              help="Student checkpoint (.pt), its ONNX export, or its OpenVINO folder, to evaluate.")
 @click.option("--images", "images_dir", type=ImageFolder(), default=None,
               help="With --model: folder of the GT images.")
 @click.option("--store", type=Store(), default=None,
@@ -134,6 +134,12 @@ def eval_cmd(model_path, images_dir, store, labelset, gt_path, out, imgsz, conf,
         paths = [p for p in list_source(images_dir) if Path(p).name in gt_names]
         if not paths:
             raise click.UsageError(f"no image in {images_dir} is named in {gt_path}")
+        if Path(model_path).is_dir():
+            import importlib.util
+
+            if importlib.util.find_spec("openvino") is None:  # ultralytics would try to pip-install it
+                raise UserError(f"--model {model_path} is an OpenVINO model folder and the openvino "
+                                           "package is not installed: pip install 'distillery[openvino]'")
         from ultralytics import YOLO
 
         names = list(YOLO(model_path, task="segment").names.values())

@@ -137,3 +137,64 @@ def test_tiny_and_thin_images_are_labeled_not_fatal(tiny_teachers, tmp_path):
         x, y, w, h = a["bbox"]
         W, H = size[a["image_id"]]
         assert -1e-3 <= x and -1e-3 <= y and x + w <= W + 1e-3 and y + h <= H + 1e-3, (a["bbox"], W, H)
+
+
+def _store_rows(store: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in store.glob("labelsets/*/shards/*.parquet"))
+
+
+def test_label_fails_when_every_image_fails_and_reruns_do_not_regrow_the_store(tiny_teachers, coco128, tmp_path):
+    """A folder of files that are not images: exit 1 naming the label set, not 0 with nothing
+    labelled. A rerun retries them (a file may be fixed in between) but a retry that fails the
+    same way appends no row; once one image is labelled, a broken neighbour no longer fails the run."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    (src / "notes.jpg").write_text("not a jpeg")
+    (src / "empty.png").write_bytes(b"")
+    store = tmp_path / "s"
+    cmd = ["label", str(src), "--classes", "person", "--store", str(store), "--teachers", str(tiny_teachers),
+           "--runner", "local", "--quiet"]
+    r = CliRunner()
+    out = r.invoke(main, cmd)
+    assert out.exit_code == 1, out.output
+    assert "every one of the 2 images failed" in out.output and "holds no labelled image" in out.output
+    assert "Traceback" not in out.output
+    assert _store_rows(store) == 2
+    out = r.invoke(main, cmd)  # the same failures again: nothing new is stored
+    assert out.exit_code == 1 and "2 images processed this run" in out.output, out.output
+    assert _store_rows(store) == 2
+    import shutil
+
+    shutil.copy(coco128 / "images" / "000000000009.jpg", src / "good.jpg")
+    out = r.invoke(main, cmd)
+    assert out.exit_code == 0, out.output
+    assert "1 with labels" in out.output and "now holds 3 images: 1 labeled" in out.output
+    assert _store_rows(store) == 3
+    (src / "notes.jpg").unlink()  # a different failure (missing) of a retried path is stored
+    lst = tmp_path / "list.txt"
+    lst.write_text("\n".join(str(src / n) for n in ("notes.jpg", "empty.png", "good.jpg")) + "\n")
+    out = r.invoke(main, [*cmd[:1], str(lst), *cmd[2:]])
+    assert out.exit_code == 0, out.output
+    assert _store_rows(store) == 4 and "missing 1" in out.output
+
+
+def test_label_refuses_a_ray_address_nothing_answers_at(tiny_teachers, coco128, tmp_path):
+    """Ray's own ray.init(address=dead) retries for ever (over 200 s measured); the address is
+    probed first and refused in one line, before a label set exists."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = tmp_path / "s"
+    t = time.monotonic()
+    out = CliRunner().invoke(main, ["label", str(coco128 / "images"), "--classes", "person", "--store", str(store),
+                                    "--teachers", str(tiny_teachers), "--runner", "ray",
+                                    "--ray-address", f"127.0.0.1:{port}"])
+    assert out.exit_code == 1, out.output
+    assert f"no Ray cluster answers at 127.0.0.1:{port}" in out.output and "Traceback" not in out.output
+    assert time.monotonic() - t < 60
+    assert not store.exists()

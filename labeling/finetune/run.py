@@ -294,6 +294,9 @@ def run_ray(config: dict, workers: int, want_gpu: bool, ray_address: str | None)
 
     if not ray.is_initialized():
         if ray_address:
+            from distillery.engine.ray_local import check_ray_address
+
+            check_ray_address(ray_address)
             ray.init(address=ray_address)
         else:
             ray.init(num_cpus=max(os.cpu_count() or 1, workers), include_dashboard=False)

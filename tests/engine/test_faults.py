@@ -365,3 +365,27 @@ def test_rle_runs_parse_like_the_coco_api(tmp_path):
         assert rle_problem(rle, h, w) is None
     assert rle_problem({"size": [2, 2], "counts": b"0"}, 2, 2) == "mask runs cover 0 pixels, not height*width = 4"
     assert rle_problem({"size": [2, 2], "counts": b"\x01"}, 2, 2) == "mask counts do not parse: characters outside '0'..'o'"
+
+
+def test_verify_reports_a_copied_shard_and_an_image_labelled_twice(tmp_path):
+    import shutil
+
+    root = _store_with_labels(tmp_path / "copy")
+    (ls,) = LabelStore(root).labelsets()
+    first, second = ls.shards()
+    copy = ls.shard_dir / ("z" + first.name)  # sorts after both: the copy repeats the first's 2 labelled rows
+    shutil.copy(first, copy)
+    out = verify(root)
+    assert out.exit_code == 1
+    assert (f"{copy}: 2 labelled row(s) repeat those of {first.name} (a copied shard?); move the copy out of the "
+            "store (`distillery label` never labels an image twice)") in out.output.splitlines()
+    copy.unlink()
+    assert verify(root).exit_code == 0
+
+    t = pq.read_table(second)  # img2.jpg given img0's image id: the same bytes labelled under two paths
+    t = t.set_column(t.schema.get_field_index("image_id"), "image_id", pa.array(["id0"]))
+    pq.write_table(t.cast(ROW_SCHEMA), second)
+    out = verify(root)
+    assert out.exit_code == 1
+    assert (f"{second}: img2.jpg is labelled but has the same bytes as img0.jpg, labelled too (the writer stores such "
+            "a file as a duplicate error); restore the shard from a backup") in out.output.splitlines()

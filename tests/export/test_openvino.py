@@ -264,3 +264,30 @@ def test_missing_extra_names_the_install_command(exported, tmp_path, monkeypatch
                                   str(tmp_path / "s_openvino_model")])
     _one_error_line(r, "pip install 'distillery[openvino]'")
     assert not any(tmp_path.iterdir())
+
+
+def test_eval_takes_the_openvino_folder_and_scores_it_like_the_onnx(student, exported, ov_models, coco128, tmp_path):
+    """`distillery eval --model NAME_openvino_model/` runs through ultralytics' OpenVINO backend:
+    the report equals the FP32 ONNX's, and the predictions match box for box."""
+    from distillery.engine.evaluation import predict_ultralytics
+
+    d, _, _, sub = student
+    reports = {}
+    for kind, model in (("onnx", exported), ("openvino", ov_models["fp32"]["path"])):
+        out = CliRunner().invoke(main, ["eval", "--model", str(model), "--images", str(coco128 / "images"),
+                                        "--gt", str(d / "gt.json"), "--imgsz", "320", "--out", str(tmp_path / kind)])
+        assert out.exit_code == 0, out.output
+        reports[kind] = json.loads((tmp_path / kind / "report.json").read_text())
+    assert reports["openvino"]["images"] == reports["onnx"]["images"] == len(sub["images"])
+    for t in ("bbox", "segm"):
+        for k in ("mAP50-95", "mAP50"):
+            assert reports["openvino"][t][k] == pytest.approx(reports["onnx"][t][k], abs=2e-3), (t, k)
+    paths = [str(coco128 / "images" / im["file_name"]) for im in sub["images"]]
+    a, b = (predict_ultralytics(m, paths, imgsz=320, conf=1e-4) for m in (exported, ov_models["fp32"]["path"]))
+    assert len(a) > 0 and abs(len(a) - len(b)) <= 0.05 * len(a)  # scores near conf or max_det may fall either side
+    for p in sorted(a, key=lambda p: -p["score"])[:20]:  # the confident ones: the same box in both
+        same = [q for q in b if q["file_name"] == p["file_name"] and q["class_name"] == p["class_name"]]
+        assert min(np.abs(np.subtract(p["bbox"], q["bbox"])).max() for q in same) < 0.5, p
+    out = CliRunner().invoke(main, ["eval", "--model", str(tmp_path), "--images", str(coco128 / "images"),
+                                    "--gt", str(d / "gt.json"), "--out", str(tmp_path / "x")])
+    assert out.exit_code == 1 and "does not end in _openvino_model" in out.output, out.output

@@ -263,3 +263,29 @@ def test_cli_refuses_bad_input_in_one_line(gt4, tiny_teachers, tmp_path):
                                                                 "--labelset", "gt4"]))
     assert "--store" in line and str(tmp_path / "file") in line
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("a,b", [(("owlv2", "sam2"), ("mm-grounding-dino", "sam-hq"))])
+def test_cli_compares_teachers_of_other_kinds_on_the_imported_gt(gt4, a, b, tmp_path):
+    """Any two teacher kinds compare on the same human labels: each is labelled into its own
+    label set (the kinds are in the fingerprint) and scored on 2 of the GT images."""
+    presets = []
+    for kinds in (a, b):
+        d = tmp_path / "+".join(kinds)
+        res = CliRunner().invoke(main, ["teachers", "tiny", str(d), *[x for k in kinds for x in ("--kind", k)]])
+        assert res.exit_code == 0, res.output
+        presets.append(d / "teachers.yaml")
+    d, _, sub = gt4
+    res = CliRunner().invoke(main, ["teachers", "eval", "--teachers", str(presets[0]), "--teachers", str(presets[1]),
+                                    "--labelset", "gt4", "--store", str(d / "store"), "--out", str(tmp_path / "out"),
+                                    "--limit", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [t["label"] for t in r["teachers"]] == ["+".join(a), "+".join(b)] and r["images"] == 2
+    sets = [t["labelset"] for t in r["teachers"]]
+    assert len(set(sets)) == 2
+    for t, kinds in zip(r["teachers"], (a, b)):
+        ls = LabelStore(d / "store").open(t["labelset"])
+        assert ls.counts().labeled == 2
+        spec = json.dumps(ls.manifest)
+        assert all(f'"{k}"' in spec for k in kinds), (kinds, spec[:400])
