@@ -67,14 +67,14 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
       distillery label ../shared/data/coco128/images --classes "person,car,dog" \\
           --store store/ --teachers teachers/teachers.yaml --name coco128-tiny
     """
+    if bool(classes) == bool(ontology_path):  # before the imports below (torch, Ray: seconds)
+        raise UserError("give exactly one of --classes or --ontology")
     from distillery.engine.images import list_sources
     from distillery.engine.job import run_label_job
     from distillery.engine.store import LabelStore
     from distillery.labeling.ontology import Ontology, OntologyError
     from distillery.labeling.teachers import PresetError, TeacherPreset, labelset_spec, teacher_stages
 
-    if bool(classes) == bool(ontology_path):
-        raise UserError("give exactly one of --classes or --ontology")
     if ray_address:
         from distillery.engine.ray_local import check_ray_address
 
@@ -243,6 +243,10 @@ def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite)
 
         c = export_yolo_seg(ls, out, val_fraction, min_score, overwrite=overwrite)
         click.echo(f"wrote {out}: {c['train']} train / {c['val']} val images, {c['instances']} instances from {ls.id}")
+        if c["train"] and not c["val"]:
+            click.echo(f"warning: no validation image (--val-fraction {val_fraction} of {c['train']} images picked "
+                       "none; the split is by image id): ultralytics needs one to validate; raise --val-fraction "
+                       "or validate on another set", err=True)
         for path in c["missing_images"]:
             click.echo(f"  skipped (image no longer there): {path}")
 

@@ -41,6 +41,11 @@ def test_cli_label_info_export(tiny_teachers, coco128, tmp_path):
     assert len(coco.imgs) == 2 and len(coco.getAnnIds()) == row["instances"]
     out = r.invoke(main, ["labels", "export", "--store", str(store), "--format", "yolo-seg", "--out", str(tmp_path / "y")])
     assert out.exit_code == 0 and (tmp_path / "y" / "data.yaml").is_file()
+    val = len(list((tmp_path / "y" / "images" / "val").glob("*")))  # 2 images at --val-fraction 0.1
+    assert ("warning: no validation image" in out.stderr) == (val == 0), (val, out.stderr)
+    out = r.invoke(main, ["labels", "export", "--store", str(store), "--format", "yolo-seg", "--out", str(tmp_path / "y1"),
+                          "--val-fraction", "1"])
+    assert out.exit_code == 0 and "warning" not in out.stderr and "0 train / 2 val images" in out.stdout, out.output
 
 
 def test_cli_user_errors_are_clear(tmp_path, tiny_teachers):
