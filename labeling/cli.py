@@ -458,24 +458,25 @@ def _echo_table(rows, worse=None) -> None:
 
 @teachers.command("finetune")
 @click.option("--teachers", "preset_path", required=True, type=Config("teachers"),
-              help="Preset whose teachers to fine-tune (its detector and SAM checkpoint are the base models).")
+              help="Preset whose teachers to fine-tune (its detector and segmenter weights are the base models).")
 @click.option("--store", required=True, type=Store())
 @click.option("--labelset", default=None, metavar="NAME|ID",
               help="A curated label set, or ground truth from `labels import` (default: the store's only one).")
 @click.option("--curation", type=click.IntRange(min=0), default=None,
               help="Curation version to apply (default: the latest; 0: none).")
 @click.option("--component", type=click.Choice(["detector", "segmenter", "both"]), default="detector",
-              show_default=True, help="detector: Grounding DINO; segmenter: SAM's mask decoder (its image and "
-                                      "prompt encoders stay frozen); both: the detector, then SAM, into one OUT.")
+              show_default=True, help="detector: Grounding DINO; segmenter: the mask decoder of SAM, SAM 2 or "
+                                      "SAM-HQ (its image and prompt encoders stay frozen); both: the detector, "
+                                      "then the segmenter, into one OUT.")
 @click.option("--method", type=click.Choice(["lora", "heads", "full"]), default="lora", show_default=True,
-              help="Detector only (SAM always trains its mask decoder). lora: LoRA adapters on the encoder/decoder "
+              help="Detector only (the segmenter always trains its mask decoder). lora: LoRA adapters on the encoder/decoder "
                    "linears; heads: the box heads only; full: all but the frozen Swin and BERT.")
 @click.option("--out", required=True, type=Output(folder=True, example="ft/"),
               help="Folder for the weights, preset.yaml, finetune.json and checkpoints.")
-@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: detector 12, SAM 10.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: detector 12, segmenter 10.")
 @click.option("--lr", type=FloatRange(min=0, min_open=True), default=None, help="Default: 1e-4 for both.")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
-              help="Detector: images per device and step (default 4); SAM: box-mask pairs per step (default 8).")
+              help="Detector: images per device and step (default 4); segmenter: box-mask pairs per step (default 8).")
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = rank).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--val-fraction", type=FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
@@ -486,7 +487,7 @@ def _echo_table(rows, worse=None) -> None:
               help="Classes per training caption at most: the image's own plus sampled negatives.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Detector only. 0: train in this process on the preset's device; N: on N Ray Train workers "
-                   "(a GPU each where the cluster has GPUs). SAM's decoder always trains in this process.")
+                   "(a GPU each where the cluster has GPUs). The segmenter's decoder always trains in this process.")
 @click.option("--ray-address", default=None, help="Ray cluster for --workers (default: start a local one).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT after its last checkpoint.")
 @fail_cleanly
@@ -496,8 +497,9 @@ def teachers_finetune(preset_path, store, labelset, curation, component, method,
 
     The detector learns only from images a person reviewed exhaustively (a whole-image
     accept, every instance decided, or imported ground truth); accepted and relabelled
-    instances are its targets, rejected ones background, ignored ones left out. SAM learns
-    the masks of confirmed instances (accepted, relabelled, or ground truth) in any image.
+    instances are its targets, rejected ones background, ignored ones left out. The segmenter
+    (SAM, SAM 2 or SAM-HQ: its mask decoder) learns the masks of confirmed instances (accepted,
+    relabelled, or ground truth) in any image.
     Labelling with OUT/preset.yaml makes a new label set.
 
     \b
@@ -517,14 +519,17 @@ def teachers_finetune(preset_path, store, labelset, curation, component, method,
                                 batch=batch or SAM_DEFAULTS["batch"], seed=seed, val_fraction=val_fraction,
                                 curation=curation)
     if component == "segmenter" and workers:
-        raise UserError("--workers applies to the detector: SAM's mask decoder (4M parameters, on image embeddings "
-                        "computed once and cached) trains in this process on the preset's device; drop --workers")
+        raise UserError("--workers applies to the detector: the segmenter's mask decoder (SAM: 4M parameters, on "
+                        "image embeddings computed once and cached) trains in this process on the preset's device; "
+                        "drop --workers")
     ctx = click.get_current_context()
     given = [f"--{n.replace('_', '-')}" for n in ("method", "rank", "max_classes", "flip")
              if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
     if component == "segmenter" and given:
-        raise UserError(f"{', '.join(given)} apply to the detector; --component segmenter trains SAM's mask decoder")
+        raise UserError(f"{', '.join(given)} apply to the detector; --component segmenter trains the segmenter's "
+                        "mask decoder (SAM, SAM 2, SAM-HQ)")
     from distillery.labeling.finetune.run import FINETUNE_DETECTORS
+    from distillery.labeling.finetune.sam_kinds import FINETUNE_SEGMENTERS, KIND_NAMES
     from distillery.labeling.teachers import TeacherPreset
 
     try:
@@ -534,8 +539,8 @@ def teachers_finetune(preset_path, store, labelset, curation, component, method,
     if component != "segmenter" and p.detector.kind not in FINETUNE_DETECTORS:
         raise UserError(f"{preset_path}: fine-tuning covers detector kinds {', '.join(FINETUNE_DETECTORS)}, not "
                         f"{p.detector.kind}")
-    if component != "detector" and p.segmenter.kind != "sam":
-        raise UserError(f"{preset_path}: fine-tuning covers segmenter kind sam (segment-anything), not "
+    if component != "detector" and p.segmenter.kind not in FINETUNE_SEGMENTERS:
+        raise UserError(f"{preset_path}: fine-tuning covers segmenter kinds {', '.join(FINETUNE_SEGMENTERS)}, not "
                         f"{p.segmenter.kind}")
     try:
         if component == "detector":
@@ -551,9 +556,9 @@ def teachers_finetune(preset_path, store, labelset, curation, component, method,
     if component in ("segmenter", "both"):
         sam = rec if component == "segmenter" else rec["segmenter"]
         v = sam["epochs"][-1]["val_miou"]
-        click.echo(f"SAM done: {len(sam['epochs'])} epochs, last train loss {sam['epochs'][-1]['train_loss']:.4f}, "
-                   f"val mIoU {'-' if v is None else format(v, '.4f')}; wrote {Path(out) / sam['weights']['path']} "
-                   f"(sha256 {sam['checkpoint_sha256'][:16]})")
+        click.echo(f"{KIND_NAMES[sam['kind']]} done: {len(sam['epochs'])} epochs, last train loss "
+                   f"{sam['epochs'][-1]['train_loss']:.4f}, val mIoU {'-' if v is None else format(v, '.4f')}; wrote "
+                   f"{Path(out) / sam['weights']['path']} (weights sha256 {sam['weights_sha256'][:16]})")
     if component == "both":
         rec = rec["detector"]
     if component != "segmenter":

@@ -171,6 +171,15 @@ def write_tiny_hf_segmenter(kind: str, out: Path, seed: int = 0, size: str = "ti
     config_fn, model_cls, proc_cls, image_proc_cls = HF_SEGMENTERS[kind]
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config_fn(size)).eval()
+    if kind == "sam2":
+        # One Gaussian matrix encodes image and prompt positions, as in facebookresearch/sam2 (the
+        # prompt encoder's pe_layer gives both) and every converted checkpoint
+        # (transformers' convert_sam2_to_hf.py copies it into shared_image_embedding); Sam2Model
+        # does not tie the two buffers, so random init would draw them apart and a box prompt
+        # could not be located on the image.
+        with torch.no_grad():
+            model.shared_image_embedding.positional_embedding.copy_(
+                model.prompt_encoder.shared_embedding.positional_embedding)
     processor = getattr(transformers, proc_cls)(image_processor=getattr(transformers, image_proc_cls)())
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

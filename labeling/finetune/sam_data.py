@@ -1,4 +1,5 @@
-"""SAM fine-tuning data: box -> mask samples, SAM's box jitter, low-resolution targets.
+"""Mask-decoder fine-tuning data (every SAM kind): box -> mask samples, SAM's box jitter,
+low-resolution targets.
 
 Conventions as in the label record (:mod:`distillery.engine.record`): boxes xyxy in
 absolute pixels of the EXIF-corrected frame, sizes ``(height, width)``, masks compressed
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 #: Box noise: std 10% of the box side, at most 20 px (Kirillov et al., "Segment Anything",
-#: ICCV 2023, Appendix A, "Training algorithm"), applied in SAM's 1024-pixel input frame.
+#: ICCV 2023, Appendix A, "Training algorithm"), applied in the model's 1024-pixel input frame.
 JITTER_FRACTION, JITTER_MAX_STD = 0.1, 20.0
 
 
@@ -116,21 +117,29 @@ def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, frame_hw: tuple[in
     return np.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1).astype(np.float32)
 
 
-def low_res_targets(s: SamSample, input_size: tuple[int, int], img_size: int, out_hw: tuple[int, int]) -> torch.Tensor:
-    """Ground-truth masks in the frame of SAM's low-resolution logits.
+def low_res_targets(s: SamSample, input_size: tuple[int, int], pad_size: int | tuple[int, int],
+                    out_hw: tuple[int, int]) -> torch.Tensor:
+    """Ground-truth masks in the frame of a SAM-family model's low-resolution logits.
 
-    The full-frame mask is resized to ``input_size`` (bilinear, antialiased, as
-    ``ResizeLongestSide`` resizes the image with Pillow), zero-padded to ``img_size`` square (``Sam.preprocess``), area-averaged
-    to ``out_hw`` (SAM: 256x256) and thresholded at 0.5.
+    The full-frame mask is resized to ``input_size`` (bilinear, antialiased, as the model's
+    preprocessing resizes the image: ``ResizeLongestSide`` with Pillow for SAM, the processor's
+    bilinear resize for SAM 2 / SAM-HQ), zero-padded at the bottom and right to ``pad_size``
+    (``Sam.preprocess``; SAM 2 stretches to 1024x1024, so ``input_size == pad_size`` and nothing
+    is padded), area-averaged to ``out_hw`` (256x256 for every kind) and thresholded at 0.5.
+
+    Args:
+        input_size: ``(height, width)`` of the resized image inside the model input.
+        pad_size: side, or ``(height, width)``, of the model input (1024).
 
     Returns:
         bool ``(N, 1, *out_hw)``.
     """
+    ph, pw = (pad_size, pad_size) if isinstance(pad_size, int) else pad_size
     out = []
     for i in range(0, len(s.masks), 16):
         m = mask_utils.decode(s.masks[i : i + 16])  # (H, W, n) uint8
         t = torch.from_numpy(np.ascontiguousarray(m.transpose(2, 0, 1))).float()[:, None]
         t = F.interpolate(t, input_size, mode="bilinear", align_corners=False, antialias=True)
-        t = F.pad(t, (0, img_size - input_size[1], 0, img_size - input_size[0]))
+        t = F.pad(t, (0, pw - input_size[1], 0, ph - input_size[0]))
         out.append(F.interpolate(t, out_hw, mode="area") >= 0.5)
     return torch.cat(out) if out else torch.zeros((0, 1, *out_hw), dtype=torch.bool)
