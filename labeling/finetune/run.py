@@ -285,6 +285,13 @@ def _prepare_out(out: Path, identity: dict, resume: bool, log, name: str = "run.
     previous.write_text(json.dumps(identity, indent=2, sort_keys=True))
 
 
+def worker_log(line: str) -> None:
+    """A Ray Train worker's log: its stdout, which Ray forwards to the driver. A module function,
+    not ``print`` itself: cloudpickle pickles a builtin by identity and refuses one that another
+    library has replaced (``Can't pickle <built-in function print>``, seen in the full suite)."""
+    print(line, flush=True)
+
+
 def run_ray(config: dict, workers: int, want_gpu: bool, ray_address: str | None) -> None:
     """``train_loop`` on ``workers`` Ray Train workers (``TorchTrainer``): one GPU each when
     ``want_gpu`` and the cluster has that many, else CPU workers over gloo."""
@@ -303,7 +310,7 @@ def run_ray(config: dict, workers: int, want_gpu: bool, ray_address: str | None)
     gpu = want_gpu and ray.cluster_resources().get("GPU", 0) >= workers
     out = Path(config["out"]).resolve()
     trainer = TorchTrainer(
-        train_loop, train_loop_config={**config, "ray": True, "log": print},
+        train_loop, train_loop_config={**config, "ray": True, "log": worker_log},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         run_config=RunConfig(name="finetune", storage_path=str(out / "ray")),
