@@ -8,8 +8,8 @@ decoder conditioned on the phrase's CLIP text features; each of the decoder's qu
 released model) has a box, a mask and a logit, and a *presence* token scores whether the concept
 is in the image at all. It takes one phrase per forward, so an ontology of P prompts takes P
 passes. ``Sam3Teacher`` runs the image encoder once per image batch
-(``Sam3Model.get_vision_features``) and the text encoder once per prompt, in ``__init__``
-(``Sam3Model.get_text_features``), and hands both to ``Sam3Model.forward`` (``vision_embeds``,
+(``Sam3Model.get_vision_features``) and the text encoder once per prompt when the ontology is
+set (``Sam3Model.get_text_features``, :meth:`Sam3Teacher.use_ontology`), and hands both to ``Sam3Model.forward`` (``vision_embeds``,
 ``text_embeds``) for each prompt: the reuse transformers documents for ``get_vision_features``.
 
 Steps, as separate methods (callable-class model stage, like the other teachers):
