@@ -12,7 +12,11 @@ Sections (``--only label,tensorrt,finetune`` picks some):
   for each precision in ``--precisions`` and preset batch size in ``--batches``. Prints the
   steady img/s (after the first batch, so model loading is not in it) and start-up seconds.
   Goal: >= 20 img/s on one H200 (anchors: a tuned Grounded-SAM ~18 img/s on an H100,
-  Grounding DINO-T 9.4 FPS in PyTorch on an A100).
+  Grounding DINO-T 9.4 FPS in PyTorch on an A100). Then, at the first precision and the last
+  batch size only (``--label-kinds``): Grounding DINO-T with SAM 2 (``segmenter.kind: sam2``,
+  Hiera-T, ``teachers tiny --kind sam2 --size full``) and SAM 3 alone (``teacher.kind: sam3``,
+  ``Sam3Config()``'s 840M parameters, ``teachers tiny --kind sam3 --size full``: one image-encoder
+  pass and one prompt pass per class, 8 classes), same images and classes.
 * **tensorrt** -- a yolov8n-seg student (one epoch on 8 coco128 photos at 640, enough for
   BatchNorm statistics of real photos) exported to ONNX at 640, quantized to the TensorRT Q/DQ
   ONNX (:func:`~distillery.export.int8.quantize`), then two engines: FP16 (from the FP32 ONNX,
@@ -68,7 +72,7 @@ def gt_store(work: Path, n: int):
 
 # -- label ---------------------------------------------------------------------------------
 
-def label_section(teachers: Path, work: Path, args, device: str) -> None:
+def label_section(teachers: Path, work: Path, args, device: str, size: str) -> None:
     import yaml
 
     from distillery.engine.job import run_label_job
@@ -79,20 +83,44 @@ def label_section(teachers: Path, work: Path, args, device: str) -> None:
     onto = Ontology.from_classes(["person", "car", "dog", "bicycle", "bus", "cup", "chair", "bird"])
     paths = [str(p) for p in sorted((COCO128 / "images").glob("*.jpg"))[: args.images]]
     base = yaml.safe_load(teachers.read_text())
-    for precision in args.precisions:
-        for bs in args.batches:
-            p = dict(base, device=device, precision=precision)
-            p["detector"] = dict(base["detector"], batch_size=bs)
-            p["segmenter"] = dict(base["segmenter"], batch_size=bs)
-            f = teachers.parent / f"preset-{precision}-{bs}.yaml"
-            f.write_text(yaml.safe_dump(p))
-            preset = TeacherPreset.load(f)
-            ls = LabelStore(work / f"label-{precision}-{bs}").create(labelset_spec(onto, preset))
-            s = run_label_job(paths, ls, teacher_stages(preset, onto), runner=args.runner, progress=False,
-                              decode_batch_size=args.block)
-            row("label", f"{precision} batch {bs}, {s.processed} images",
-                f"{s.steady_images_per_second:.2f} img/s steady, start-up {s.startup_seconds:.0f} s, "
-                f"{s.instances / max(s.labeled, 1):.0f} masks/img")
+
+    def run(tag: str, p: dict, what: str) -> None:
+        f = teachers.parent / f"preset-{tag}.yaml"
+        f.write_text(yaml.safe_dump(p))
+        preset = TeacherPreset.load(f)
+        ls = LabelStore(work / f"label-{tag}").create(labelset_spec(onto, preset))
+        s = run_label_job(paths, ls, teacher_stages(preset, onto), runner=args.runner, progress=False,
+                          decode_batch_size=args.block)
+        row("label", f"{what}, {s.processed} images",
+            f"{s.steady_images_per_second:.2f} img/s steady, start-up {s.startup_seconds:.0f} s, "
+            f"{s.instances / max(s.labeled, 1):.0f} masks/img")
+
+    def batched(p: dict, roles: tuple, bs: int) -> dict:
+        return {**p, **{r: dict(p[r], batch_size=bs) for r in roles}}
+
+    if "default" in args.label_kinds:
+        for precision in args.precisions:
+            for bs in args.batches:
+                run(f"{precision}-{bs}", batched(dict(base, device=device, precision=precision),
+                                                 ("detector", "segmenter"), bs), f"{precision} batch {bs}")
+    precision, bs = args.precisions[0], args.batches[-1]
+    if "sam2" in args.label_kinds:
+        from distillery.labeling.tiny import write_tiny_hf_segmenter
+
+        t = time.perf_counter()
+        sam2 = write_tiny_hf_segmenter("sam2", teachers.parent / "sam2", size=size)
+        p = dict(base, device=device, precision=precision)
+        p["segmenter"] = {"kind": "sam2", "model": str(sam2), "boxes_per_call": base["segmenter"]["boxes_per_call"]}
+        run(f"sam2-{precision}-{bs}", batched(p, ("detector", "segmenter"), bs),
+            f"GD + SAM 2 {precision} batch {bs} (written in {time.perf_counter() - t:.0f} s)")
+    if "sam3" in args.label_kinds:
+        from distillery.labeling.tiny_grounded import write_tiny_grounded_teachers
+
+        t = time.perf_counter()
+        sam3 = yaml.safe_load(write_tiny_grounded_teachers(work / "teachers-sam3", "sam3", size=size).read_text())
+        sam3["teacher"]["model"] = str(work / "teachers-sam3" / "sam3")
+        run(f"sam3-{precision}-{bs}", batched(dict(sam3, device=device, precision=precision), ("teacher",), bs),
+            f"SAM 3 {precision} batch {bs} (written in {time.perf_counter() - t:.0f} s)")
 
 
 # -- tensorrt ------------------------------------------------------------------------------
@@ -286,6 +314,9 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8", help="preset batch sizes to sweep")
     ap.add_argument("--block", type=int, default=8, help="images per decode block (run_label_job decode_batch_size)")
     ap.add_argument("--precisions", default="fp16,bf16")
+    ap.add_argument("--label-kinds", default="default,sam2,sam3",
+                    help="label runs: default (GD-T + SAM ViT-B, every precision and batch), sam2 (GD-T + SAM 2), "
+                         "sam3 (SAM 3 alone); the last two at the first precision and last batch")
     ap.add_argument("--runner", default="ray", choices=["ray", "local"])
     ap.add_argument("--trt-imgsz", type=int, default=640)
     ap.add_argument("--rounds", type=int, default=5, help="latency rounds over 16 photos")
@@ -315,7 +346,8 @@ def main() -> int:
     teachers = write_tiny_teachers(work / "teachers", size=size)
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (smoke)"
     print(f"gpu_check on {name}: {size} random teachers written in {time.perf_counter() - t:.0f} s ({work})")
-    sections = {"label": lambda: label_section(teachers, work, args, device),
+    args.label_kinds = set(args.label_kinds.split(","))
+    sections = {"label": lambda: label_section(teachers, work, args, device, size),
                 "tensorrt": lambda: tensorrt_section(work / "trt", args),
                 "finetune": lambda: finetune_section(teachers, work, args, device)}
     failed = 0

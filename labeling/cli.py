@@ -178,7 +178,8 @@ def labels_info(store, as_json, list_errors):
     for r in rows:
         errs = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "none"
         t = r["teachers"]
-        who = t.get("detector", {}).get("model") or t.get("import", {}).get("file") or "?"
+        who = (t.get("detector", {}).get("model") or t.get("teacher", {}).get("model")
+               or t.get("import", {}).get("file") or "?")
         click.echo(
             f"{r['name'] or '-':<{width}}  {r['labelset']}  {r['kind']:<7} {r['created']}  {r['classes']} classes  "
             f"{r['images']} images "
@@ -337,11 +338,12 @@ def teachers() -> None:
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True,
               help="tiny: width-32 models, seconds per image on a CPU; full: the real architectures "
-                   "(Grounding DINO-T, SAM ViT-B, ~1 GB on disk) at random weights, for benchmarks.")
+                   "(Grounding DINO-T, SAM ViT-B, ~1 GB on disk; SAM 3, 3.4 GB) at random weights, for benchmarks.")
 @click.option("--kind", "kinds", multiple=True, metavar="KIND",
-              type=click.Choice(["grounding-dino", "mm-grounding-dino", "owlv2", "sam", "sam2", "sam-hq"]),
+              type=click.Choice(["grounding-dino", "mm-grounding-dino", "owlv2", "sam", "sam2", "sam-hq", "sam3"]),
               help="Teacher kind (repeatable, at most one per role): detector grounding-dino (default), "
-                   "mm-grounding-dino or owlv2; segmenter sam (default), sam2 or sam-hq.")
+                   "mm-grounding-dino or owlv2; segmenter sam (default), sam2 or sam-hq; or alone the "
+                   "grounded segmenter sam3 (detects and segments: no detector or segmenter).")
 def teachers_tiny(out_dir, seed, size, kinds=()):
     """Write RANDOM-WEIGHT detector and segmenter teachers (Grounding DINO and SAM, or --kind) plus a
     preset to OUT_DIR.
@@ -351,14 +353,29 @@ def teachers_tiny(out_dir, seed, size, kinds=()):
 
     --kind sam2 or --kind sam-hq writes a transformers SAM 2 / SAM-HQ of that architecture
     (folder OUT_DIR/sam2 or OUT_DIR/sam-hq, loaded by from_pretrained like real weights)
-    instead of the segment-anything SAM.
+    instead of the segment-anything SAM. --kind sam3 writes a SAM 3 (OUT_DIR/sam3) and a
+    preset whose `teacher: {kind: sam3}` labels alone.
 
     \b
     Example:
       distillery teachers tiny teachers/ && distillery label imgs/ --classes cat --store s/ --teachers teachers/teachers.yaml
       distillery teachers tiny owl/ --kind owlv2 --kind sam2
+      distillery teachers tiny sam3/ --kind sam3
     """
     from distillery.labeling.tiny import TINY_DETECTOR_KINDS, add_tiny_detector, write_tiny_teachers
+    from distillery.labeling.tiny_grounded import TINY_GROUNDED_KINDS, write_tiny_grounded_teachers
+
+    grounded = [k for k in kinds if k in TINY_GROUNDED_KINDS]
+    if grounded:
+        if len(kinds) > 1:
+            raise UserError(f"--kind {grounded[0]} is a grounded segmenter: it detects and segments alone; give it "
+                            f"without other kinds, got {', '.join(kinds)}")
+        try:
+            path = write_tiny_grounded_teachers(out_dir, grounded[0], seed, size=size)
+        except OSError as e:
+            raise UserError(f"cannot write {out_dir}: {e.strerror or e}; choose a writable folder") from e
+        click.echo(f"wrote {size} random teachers ({grounded[0]} grounded segmenter) and preset {path}")
+        return
 
     detector_kinds = [k for k in kinds if k in TINY_DETECTOR_KINDS or k == "grounding-dino"]
     segmenters = [k for k in kinds if k in ("sam", "sam2", "sam-hq")]
@@ -536,6 +553,9 @@ def teachers_finetune(preset_path, store, labelset, curation, component, method,
         p = TeacherPreset.load(preset_path)
     except PresetError as e:
         raise UserError(str(e)) from e
+    if p.teacher is not None:
+        raise UserError(f"{preset_path}: fine-tuning is not supported for teacher.kind {p.teacher.kind} (a grounded "
+                        "segmenter; see the README's Teacher kinds); fine-tune a detector + segmenter preset instead")
     if component != "segmenter" and p.detector.kind not in FINETUNE_DETECTORS:
         raise UserError(f"{preset_path}: fine-tuning covers detector kinds {', '.join(FINETUNE_DETECTORS)}, not "
                         f"{p.detector.kind}")

@@ -80,12 +80,22 @@ def _hf_segmenter(default_cls_name):
     return build
 
 
+def _sam3(preset, ontology, cls=None):
+    from distillery.labeling.sam3 import Sam3Teacher
+
+    t, p = preset.teacher, preset
+    return (cls or Sam3Teacher)(t.model, ontology, revision=t.revision, device=p.device, precision=p.precision,
+                                box_floor=t.box_floor, nms_iou=t.nms_iou, merge=t.merge,
+                                max_detections=t.max_detections, min_region_area=t.min_region_area)
+
+
 DETECTORS["grounding-dino"] = _grounding_dino
 DETECTORS["mm-grounding-dino"] = _mm_grounding_dino
 DETECTORS["owlv2"] = _owlv2
 SEGMENTERS["sam"] = _sam
 SEGMENTERS["sam2"] = _hf_segmenter("Sam2Teacher")  # labeling.segmenter_hf: transformers Sam2Model
 SEGMENTERS["sam-hq"] = _hf_segmenter("SamHQTeacher")  # labeling.segmenter_hf: transformers SamHQModel
+GROUNDED["sam3"] = _sam3  # labeling.sam3: transformers Sam3Model
 
 
 def _lookup(table: dict, role: str, kind: str) -> Callable:
@@ -104,6 +114,24 @@ def build_detector(preset, ontology, cls=None):
 def build_segmenter(preset, cls=None):
     """The segmenter of ``preset.segmenter.kind`` (``cls`` as in :func:`build_detector`)."""
     return _lookup(SEGMENTERS, "segmenter", preset.segmenter.kind)(preset, cls=cls)
+
+
+def _check_sam3(preset, ontology) -> int:
+    from distillery.labeling.sam3 import check_teacher
+
+    return check_teacher(preset.teacher.model, preset.teacher.revision, ontology)
+
+
+#: ``teacher.kind`` -> ``(preset, ontology) -> passes per image batch``: reads the model's config
+#: and tokenizer (no weights) and checks the ontology's prompts against them.
+GROUNDED_CHECKS: dict[str, Callable] = {"sam3": _check_sam3}
+
+
+def check_grounded(preset, ontology) -> int:
+    """Check ``preset.teacher`` before any label set exists (no weights loaded); returns the
+    number of model passes per image batch. Raises ValueError (one line naming ``teacher.model``)
+    or ``labeling.ontology.OntologyError``."""
+    return _lookup(GROUNDED_CHECKS, "teacher", preset.teacher.kind)(preset, ontology)
 
 
 def build_grounded(preset, ontology, cls=None):

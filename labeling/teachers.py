@@ -23,14 +23,15 @@ A preset names the two teachers and their settings::
       min_region_area: 100          # px: SAM's clean-up of smaller islands and holes (0: off)
       batch_size: 4
       actors: 1
-    teacher: null                   # or {kind: sam3, model: ..., box_floor, nms_iou, merge,
-                                    #   max_detections, batch_size, actors}: one model detects
-                                    #   and segments; detector and segmenter are then unused
+    teacher: null                   # or {kind: sam3, model: facebook/sam3, revision, box_floor,
+                                    #   nms_iou, merge, max_detections, min_region_area,
+                                    #   batch_size, actors}: one model (labeling.kinds.GROUNDED)
+                                    #   detects and segments; detector and segmenter are unused
     device: auto                    # auto | cpu | cuda
     precision: fp32                 # fp32 | fp16 | bf16 (GPU only)
 
-Relative paths (a local detector directory, the detector adapter, the SAM checkpoint) are
-relative to the preset file's folder.
+Relative paths (a local detector directory, the detector adapter, the SAM checkpoint, a local
+``teacher.model``) are relative to the preset file's folder.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from typing_extensions import TypedDict
 from distillery.engine.schema import StrictConfig, validate_config
 from distillery.engine.job import DECODED_SCHEMA, StageSpec, as_table, image_of
 from distillery.engine.record import LabelRecord, rows_to_table
-from distillery.labeling.ontology import Ontology
+from distillery.labeling.ontology import Ontology, OntologyError
 from distillery.labeling.segmenter import MIN_REGION_AREA, SAM_MODEL_TYPES
 
 #: Decoded columns plus the detector's boxes (float32 N*4, xyxy px) and scores (float32 N*C).
@@ -199,6 +200,7 @@ class GroundedConfig(StrictConfig):
     nms_iou: Fraction = 0.7
     merge: Literal["agnostic", "class-aware"] = "agnostic"
     max_detections: PositiveInt = 300
+    min_region_area: Annotated[int, Field(ge=0)] = MIN_REGION_AREA  # px, as segmenter.min_region_area
     batch_size: PositiveInt = 4
     actors: PositiveInt = 1
 
@@ -288,18 +290,31 @@ class TeacherPreset(StrictConfig):
         """Load the detector's tokenizer and config (no weights) and split ``ontology`` into
         prompt chunks, so that a bad model or ontology fails before any label set exists.
 
+        With ``teacher`` set, checks that model instead (its kind's check,
+        :func:`distillery.labeling.kinds.check_grounded`) and nothing else.
+
         Returns:
             the number of prompt chunks (``owlv2``: of query batches, one query per prompt, whose
-            token count it checks instead).
+            token count it checks instead; ``teacher.kind: sam3``: of prompts, one pass each).
 
         Raises:
             PresetError: the model is neither a local directory nor loadable by
-                ``transformers`` (offline and not in the cache, a typo).
+                ``transformers`` (offline and not in the cache, a typo), or is of another kind.
             labeling.ontology.OntologyError: the ontology does not tokenize into chunks.
         """
         from transformers import AutoConfig, AutoTokenizer
 
         from distillery.labeling.ontology import build_chunks
+
+        if self.teacher is not None:
+            from distillery.labeling.kinds import check_grounded
+
+            try:
+                return check_grounded(self, ontology)
+            except ValueError as e:
+                if isinstance(e, OntologyError):
+                    raise
+                raise PresetError(f"{source}: {e}") from e
 
         d = self.detector
         local = Path(d.model).is_dir()
@@ -422,9 +437,10 @@ def labelset_spec(ontology: Ontology, preset: TeacherPreset) -> dict:
             "ontology": ontology.to_dict(),
             "teachers": {"teacher": {"type": t.kind, **detector_identity(t.model, t.revision)},
                          "precision": preset.precision},
-            "preprocessing": {"decode": "pillow-exif_transpose-rgb"},
+            # the model's processor, whose config the identity's files cover (sam3: 1008x1008 resize)
+            "preprocessing": {"decode": "pillow-exif_transpose-rgb", "teacher_input": f"{t.kind} processor"},
             "thresholds": {"box_floor": t.box_floor, "nms_iou": t.nms_iou, "max_detections": t.max_detections,
-                           "merge": t.merge},
+                           "merge": t.merge, "mask_threshold": 0.5, "min_region_area": t.min_region_area},
         }
     detector = {"type": d.kind, **detector_identity(d.model, d.revision)}
     if d.adapter is not None:

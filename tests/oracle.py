@@ -258,3 +258,55 @@ class OracleSamHQ(_OracleHF, SamHQTeacher):
 
     def input_shape(self, h, w):
         return ResizeLongestSide.get_preprocess_shape(h, w, 1024)
+
+
+# --- grounded segmenter kinds (labeling.kinds.GROUNDED): sam3 -----------------------------
+
+from distillery.labeling.sam3 import Sam3Teacher  # noqa: E402
+
+
+class OracleSam3(Sam3Teacher):
+    """SAM 3 whose forward returns, for every prompt, one query per GT instance of the image:
+
+    * ``pred_boxes``: the GT box in normalised xyxy of the frame (x / W, y / H): SAM 3's processor
+      stretches the whole frame onto its square input, so the model's normalised coordinates are
+      the frame's (``Sam3ImageProcessor``: 1008x1008, aspect ratio not kept; computed here from GT);
+    * ``pred_logits``: +10 when the GT class is the prompt's class, -10 otherwise;
+      ``presence_logits``: +10 when the image holds the prompt's class, -10 otherwise;
+    * ``pred_masks``: on the model's mask grid (the config's first ``backbone_feature_sizes``,
+      288x288 over the whole frame), ``logit(f)`` clamped to +-10, ``f`` the GT mask's area
+      fraction of each cell (``F.interpolate(mode="area")``): the processor's sigmoid gives ``f``
+      back, which it upsamples bilinearly and thresholds at 0.5.
+
+    One spare query per image has a zero-area box at the origin and -10 everywhere. The image
+    encoder never runs (only :meth:`forward` is replaced); preprocessing, the processor's
+    post-processing, the merge, soft vectors, masks and RLE are the real code."""
+
+    gt: GroundTruth
+
+    def __call__(self, images):
+        gts = [self.gt.boxes_of(im) for im in images]
+        grid = tuple(self.model.config.vision_config.backbone_feature_sizes[0])
+        Q = max(len(g["boxes"]) for g in gts) + 1
+        self._boxes = torch.zeros(len(gts), Q, 4)
+        self._classes = torch.full((len(gts), Q), -1)
+        self._masks = torch.full((len(gts), Q) + grid, -LOGIT)
+        for b, (g, im) in enumerate(zip(gts, images)):
+            h, w = im.shape[:2]
+            for q, (box, c, rle) in enumerate(zip(g["boxes"], g["classes"], g["masks"])):
+                self._boxes[b, q] = torch.from_numpy(box) / torch.tensor([w, h, w, h], dtype=torch.float32)
+                self._classes[b, q] = c
+                m = torch.from_numpy(mask_utils.decode(rle).astype(np.float32))[None, None]
+                frac = F.interpolate(m, size=grid, mode="area")[0, 0]
+                self._masks[b, q] = frac.clamp(1e-6, 1 - 1e-6).logit().clamp(-LOGIT, LOGIT)
+        self._present = [set(g["classes"]) for g in gts]
+        return super().__call__(images)
+
+    def forward(self, inputs, prompt):
+        from transformers.models.sam3.modeling_sam3 import Sam3ImageSegmentationOutput
+
+        c = self.ontology.prompt_class[prompt]
+        logits = torch.where(self._classes == c, LOGIT, -LOGIT)
+        presence = torch.tensor([[LOGIT if c in present else -LOGIT] for present in self._present])
+        return Sam3ImageSegmentationOutput(pred_logits=logits, presence_logits=presence, pred_boxes=self._boxes,
+                                           pred_masks=self._masks)

@@ -24,7 +24,12 @@ BAD_PRESETS = [
     ("detector: {kind: yolo-world}\n", "detector.kind", "unknown detector kind 'yolo-world'; known: grounding-dino, mm-grounding-dino, owlv2"),
     ("segmenter: {kind: sam, model: facebook/sam-vit-base}\n", "segmenter",
      "kind sam loads model_type + checkpoint (segment-anything); remove 'model'"),
-    ("teacher: {kind: sam9, model: x}\n", "teacher.kind", "unknown teacher kind 'sam9'; known: none in this version"),
+    ("teacher: {kind: sam9, model: x}\n", "teacher.kind", "unknown teacher kind 'sam9'; known: sam3"),
+    ("teacher: {kind: sam3, model: x, points: 4}\n", "teacher.points",
+     "unknown key; known keys in teacher: kind, model, revision, box_floor, nms_iou, merge, max_detections, "
+     "min_region_area, batch_size, actors"),
+    ("teacher: {kind: sam3, model: x, min_region_area: -1}\n", "teacher.min_region_area",
+     "must be a non-negative integer, got -1"),
     ("colour: red\n", "colour", "unknown key; known keys: detector, segmenter, teacher, device, precision"),
     ("detector: {colour: 1}\n", "detector.colour", f"unknown key; known keys in detector: {DETECTOR_KEYS}"),
     ("detector: {image_size: {shortest_edge: 800, longest_edge: 1333, max_size: 2000}}\n",
