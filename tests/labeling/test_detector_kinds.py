@@ -223,22 +223,26 @@ def test_oracle_geometry_of_each_kind(kind, kind_presets, coco128, coco128_gt, t
     assert ap >= 0.99, ap
 
 
+@pytest.mark.parametrize("orientation", sorted(INVERSE))
 @pytest.mark.parametrize("kind", KINDS)
-def test_oracle_geometry_of_each_kind_under_exif_rotation(kind, kind_presets, coco128, coco128_gt, tmp_path):
-    """EXIF orientation 6 (stored rotated by 90 degrees): the wide 640x248 photo is stored tall."""
+def test_oracle_geometry_of_each_kind_under_exif_rotation(kind, orientation, kind_presets, coco128, coco128_gt,
+                                                          tmp_path):
+    """EXIF orientations 2-8 (mirrored, rotated, transposed; 5-8 store the wide 640x248 photo tall):
+    the decoded frame is the original one and the kind's boxes land on the GT."""
     classes = [c["name"] for c in sorted(coco128_gt["categories"], key=lambda c: c["id"])]
     images = [im for im in coco128_gt["images"] if im["id"] in (597, 64)]
     gt, paths = GroundTruth(), []
     for im in images:
         src = Image.open(coco128 / "images" / im["file_name"])
         exif = Image.Exif()
-        exif[0x0112] = 6
+        exif[0x0112] = orientation
         out = tmp_path / im["file_name"]
-        src.transpose(INVERSE[6]).save(out, quality=95, subsampling=0, exif=exif.tobytes())
+        src.transpose(INVERSE[orientation]).save(out, quality=95, subsampling=0, exif=exif.tobytes())
         d = decode(str(out))
-        assert (d.width, d.height) == (im["width"], im["height"]) != Image.open(out).size
+        assert (d.width, d.height) == (im["width"], im["height"])
+        assert (Image.open(out).size != (d.width, d.height)) == (orientation >= 5)  # 5-8 swap the sides
         gt.add(d.pixels, *gt_instances(coco128_gt, im, classes))
         paths.append(str(out))
     pred = run_kind_oracle(kind, kind_presets[kind], paths, gt, Ontology.from_classes(classes), tmp_path / "store")
-    ap = check_geometry(pred, coco128_gt, [im["id"] for im in images], f"{kind} oracle, EXIF 6")
+    ap = check_geometry(pred, coco128_gt, [im["id"] for im in images], f"{kind} oracle, EXIF {orientation}")
     assert ap >= 0.99, ap

@@ -131,22 +131,23 @@ def test_oracle_geometry_of_kind(kind, kind_teachers, coco128, coco128_gt):
     assert np.median(ious) >= 0.95 and np.percentile(ious, 5) >= 0.85
 
 
+@pytest.mark.parametrize("orientation", sorted(INVERSE))
 @pytest.mark.parametrize("kind", KINDS)
-def test_oracle_geometry_of_kind_under_exif_rotation(kind, kind_teachers, coco128, coco128_gt, tmp_path):
-    """EXIF orientation 6 (stored rotated by 90 degrees): the decoded frame is the original one
-    and the kind's masks land on the GT."""
+def test_oracle_geometry_of_kind_under_exif_rotation(kind, orientation, kind_teachers, coco128, coco128_gt, tmp_path):
+    """EXIF orientations 2-8 (mirrored, rotated, transposed): the decoded frame is the original
+    one and the kind's masks land on the GT."""
     seg = _oracle(kind, kind_teachers)
     classes = [c["name"] for c in sorted(coco128_gt["categories"], key=lambda c: c["id"])]
     im = next(i for i in coco128_gt["images"] if i["id"] == 597)  # 640x248: far from square
     src = Image.open(coco128 / "images" / im["file_name"])
     exif = Image.Exif()
-    exif[0x0112] = 6
+    exif[0x0112] = orientation
     out = tmp_path / im["file_name"]
-    src.transpose(INVERSE[6]).save(out, quality=95, subsampling=0, exif=exif.tobytes())
+    src.transpose(INVERSE[orientation]).save(out, quality=95, subsampling=0, exif=exif.tobytes())
     d = decode(str(out))
     assert (d.width, d.height) == (im["width"], im["height"]), "EXIF orientation not applied"
     ious = _mask_ious(seg, kind, d.pixels, *gt_instances(coco128_gt, im, classes))
-    print(f"{kind} oracle, EXIF 6, {len(ious)} instances: mask IoU median {np.median(ious):.4f} min {ious.min():.4f}")
+    print(f"{kind} oracle, EXIF {orientation}, {len(ious)} instances: mask IoU median {np.median(ious):.4f} min {ious.min():.4f}")
     assert len(ious) == 7 and np.median(ious) >= 0.95 and np.percentile(ious, 5) >= 0.85
 
 

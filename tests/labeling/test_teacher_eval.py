@@ -265,7 +265,7 @@ def test_cli_refuses_bad_input_in_one_line(gt4, tiny_teachers, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("a,b", [(("owlv2", "sam2"), ("mm-grounding-dino", "sam-hq"))])
+@pytest.mark.parametrize("a,b", [(("owlv2", "sam2"), ("mm-grounding-dino", "sam-hq")), (("sam3",), ("grounding-dino", "sam"))])
 def test_cli_compares_teachers_of_other_kinds_on_the_imported_gt(gt4, a, b, tmp_path):
     """Any two teacher kinds compare on the same human labels: each is labelled into its own
     label set (the kinds are in the fingerprint) and scored on 2 of the GT images."""
