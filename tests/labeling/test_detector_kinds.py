@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from torchvision.ops import clip_boxes_to_image
 
 from distillery.engine.cli import main
@@ -27,8 +26,8 @@ from distillery.labeling.mm_grounding_dino import MMGroundingDinoTeacher
 from distillery.labeling.ontology import Ontology, OntologyError
 from distillery.labeling.owlv2 import Owlv2Teacher
 from distillery.labeling.teachers import DetectStage, TeacherPreset, labelset_spec
-from tests.labeling.test_geometry import INVERSE, OracleSegmentStage, check_geometry, coco128_inputs, gt_instances
-from tests.oracle import GroundTruth, OracleMMDetector, OracleOwlv2
+from tests.labeling.test_geometry import INVERSE, OracleSegmentStage, check_geometry, coco128_inputs, exif_oriented_inputs
+from tests.oracle import OracleMMDetector, OracleOwlv2
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -229,20 +228,7 @@ def test_oracle_geometry_of_each_kind_under_exif_rotation(kind, orientation, kin
                                                           tmp_path):
     """EXIF orientations 2-8 (mirrored, rotated, transposed; 5-8 store the wide 640x248 photo tall):
     the decoded frame is the original one and the kind's boxes land on the GT."""
-    classes = [c["name"] for c in sorted(coco128_gt["categories"], key=lambda c: c["id"])]
-    images = [im for im in coco128_gt["images"] if im["id"] in (597, 64)]
-    gt, paths = GroundTruth(), []
-    for im in images:
-        src = Image.open(coco128 / "images" / im["file_name"])
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        out = tmp_path / im["file_name"]
-        src.transpose(INVERSE[orientation]).save(out, quality=95, subsampling=0, exif=exif.tobytes())
-        d = decode(str(out))
-        assert (d.width, d.height) == (im["width"], im["height"])
-        assert (Image.open(out).size != (d.width, d.height)) == (orientation >= 5)  # 5-8 swap the sides
-        gt.add(d.pixels, *gt_instances(coco128_gt, im, classes))
-        paths.append(str(out))
+    classes, images, gt, paths, _ = exif_oriented_inputs(coco128, coco128_gt, (597, 64), orientation, tmp_path)
     pred = run_kind_oracle(kind, kind_presets[kind], paths, gt, Ontology.from_classes(classes), tmp_path / "store")
     ap = check_geometry(pred, coco128_gt, [im["id"] for im in images], f"{kind} oracle, EXIF {orientation}")
     assert ap >= 0.99, ap

@@ -68,6 +68,30 @@ def gt_instances(coco: dict, image: dict, classes: list[str]):
     return boxes, classes_, masks
 
 
+def exif_oriented_inputs(coco128, coco128_gt, image_ids, orientation: int, out_dir):
+    """The coco128 photos ``image_ids`` stored with EXIF orientation 2-8 (pixels transposed by
+    :data:`INVERSE`, the tag set), decoded back: each decoded frame is asserted to be the
+    original (5-8 store the sides swapped). Returns ``(classes, images, gt, paths, decoded)``:
+    ontology class names, the GT image entries, a :class:`GroundTruth` keyed by the decoded
+    pixels, the written paths and their :class:`distillery.engine.images.Decoded`."""
+    classes = [c["name"] for c in sorted(coco128_gt["categories"], key=lambda c: c["id"])]
+    images = [im for im in coco128_gt["images"] if im["id"] in image_ids]
+    gt, paths, decoded = GroundTruth(), [], []
+    for im in images:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        out = out_dir / im["file_name"]
+        Image.open(coco128 / "images" / im["file_name"]).transpose(INVERSE[orientation]).save(
+            out, quality=95, subsampling=0, exif=exif.tobytes())
+        d = decode(str(out))
+        assert (d.width, d.height) == (im["width"], im["height"]), "EXIF orientation not applied"
+        assert (Image.open(out).size != (d.width, d.height)) == (orientation >= 5)  # 5-8 swap the sides
+        gt.add(d.pixels, *gt_instances(coco128_gt, im, classes))
+        paths.append(str(out))
+        decoded.append(d)
+    return classes, images, gt, paths, decoded
+
+
 def run_oracle(paths, gt, onto, tiny_teachers, store, merge="agnostic"):
     preset = TeacherPreset.load(tiny_teachers)
     preset.detector.max_detections = 300  # the tiny preset caps boxes at 20; coco128 has up to ~60 per image

@@ -28,8 +28,9 @@ from distillery.labeling.ontology import Ontology
 from distillery.labeling.sam3 import Sam3Teacher
 from distillery.labeling.teachers import GroundedStage, TeacherPreset, labelset_spec
 from distillery.labeling.tiny_grounded import write_tiny_sam3
-from tests.labeling.test_geometry import INVERSE, box_ap, coco128_inputs, gt_instances, overlapping_pairs, per_instance
-from tests.oracle import LOGIT, GroundTruth, OracleSam3
+from tests.labeling.test_geometry import (INVERSE, box_ap, coco128_inputs, exif_oriented_inputs, overlapping_pairs,
+                                          per_instance)
+from tests.oracle import LOGIT, OracleSam3
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -280,18 +281,6 @@ def test_oracle_geometry_on_coco128(sam3_preset, coco128, coco128_gt, tmp_path):
 def test_oracle_geometry_under_exif_orientation(orientation, sam3_preset, coco128, coco128_gt, tmp_path):
     """EXIF orientations 2-8 on a wide (640x248) and a portrait (480x640) photo: the decoded frame is
     the original one and boxes, masks and scores land on the GT."""
-    classes = [c["name"] for c in sorted(coco128_gt["categories"], key=lambda c: c["id"])]
-    images = [im for im in coco128_gt["images"] if im["id"] in (597, 64)]
-    gt, paths = GroundTruth(), []
-    for im in images:
-        src = Image.open(coco128 / "images" / im["file_name"])
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        out = tmp_path / im["file_name"]
-        src.transpose(INVERSE[orientation]).save(out, quality=95, subsampling=0, exif=exif.tobytes())
-        d = decode(str(out))
-        assert (d.width, d.height) == (im["width"], im["height"]), "EXIF orientation not applied"
-        gt.add(d.pixels, *gt_instances(coco128_gt, im, classes))
-        paths.append(str(out))
+    classes, images, gt, paths, _ = exif_oriented_inputs(coco128, coco128_gt, (597, 64), orientation, tmp_path)
     ls = run_sam3_oracle(sam3_preset, paths, gt, Ontology.from_classes(classes), tmp_path / "store")
     check_sam3_geometry(ls, coco128_gt, [im["id"] for im in images], f"sam3 oracle, EXIF {orientation}")

@@ -18,7 +18,7 @@ from distillery.labeling.kinds import build_segmenter
 from distillery.labeling.ontology import Ontology
 from distillery.labeling.teachers import TeacherPreset, labelset_spec
 from distillery.labeling.tiny import write_tiny_hf_segmenter
-from tests.labeling.test_geometry import INVERSE, SAM_IMAGES, gt_instances
+from tests.labeling.test_geometry import INVERSE, SAM_IMAGES, exif_oriented_inputs, gt_instances
 from tests.oracle import GroundTruth, OracleSam2, OracleSamHQ
 
 KINDS = ("sam2", "sam-hq")
@@ -137,15 +137,8 @@ def test_oracle_geometry_of_kind_under_exif_rotation(kind, orientation, kind_tea
     """EXIF orientations 2-8 (mirrored, rotated, transposed): the decoded frame is the original
     one and the kind's masks land on the GT."""
     seg = _oracle(kind, kind_teachers)
-    classes = [c["name"] for c in sorted(coco128_gt["categories"], key=lambda c: c["id"])]
-    im = next(i for i in coco128_gt["images"] if i["id"] == 597)  # 640x248: far from square
-    src = Image.open(coco128 / "images" / im["file_name"])
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    out = tmp_path / im["file_name"]
-    src.transpose(INVERSE[orientation]).save(out, quality=95, subsampling=0, exif=exif.tobytes())
-    d = decode(str(out))
-    assert (d.width, d.height) == (im["width"], im["height"]), "EXIF orientation not applied"
+    # 597: 640x248, far from square
+    classes, (im,), _, _, (d,) = exif_oriented_inputs(coco128, coco128_gt, (597,), orientation, tmp_path)
     ious = _mask_ious(seg, kind, d.pixels, *gt_instances(coco128_gt, im, classes))
     print(f"{kind} oracle, EXIF {orientation}, {len(ious)} instances: mask IoU median {np.median(ious):.4f} min {ious.min():.4f}")
     assert len(ious) == 7 and np.median(ious) >= 0.95 and np.percentile(ious, 5) >= 0.85
