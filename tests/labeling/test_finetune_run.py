@@ -56,6 +56,25 @@ def run(args) -> str:
     return out.output
 
 
+def shard_hashes(ls) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ls.shards()}
+
+
+def label_base_then_tuned(store, coco128, images, base_preset, out):
+    """``label`` the images with the base preset (label set ``base``), then with ``OUT/preset.yaml``
+    (``tuned``); asserts a new label set id. Returns (old, new, the old shards' sha256 before)."""
+    imgs = [coco128 / "images" / im["file_name"] for im in images]
+    label = ["label", *imgs, "--classes", "person,dog", "--store", store, "--runner", "local", "--quiet"]
+    run([*label, "--teachers", base_preset, "--name", "base"])
+    old = LabelStore(store).open("base")
+    before = shard_hashes(old)
+    run([*label, "--teachers", out / "preset.yaml", "--name", "tuned"])
+    new = LabelStore(store).open("tuned")
+    assert new.id != old.id
+    return old, new, before
+
+
+
 def test_training_loss_falls_70_percent_on_coco128_photos(small_preset, coco128, coco128_gt, tmp_path):
     from distillery.labeling.finetune import detector as fd
     from distillery.labeling.finetune.run import load_base
@@ -113,17 +132,10 @@ def test_finetune_writes_adapter_preset_provenance_and_labels_into_a_new_set(sma
     assert TeacherPreset.load(out / "preset.yaml").detector.adapter == str((out / "adapter").resolve())
 
     # label with the base preset, then with the fine-tuned one: a new label set, the old one untouched
-    imgs = [coco128 / "images" / im["file_name"] for im in coco128_gt["images"][:2]]
-    label = ["label", *imgs, "--classes", "person,dog", "--store", store, "--runner", "local", "--quiet"]
-    run([*label, "--teachers", small_preset, "--name", "base"])
-    old = LabelStore(store).open("base")
-    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in old.shards()}
-    run([*label, "--teachers", out / "preset.yaml", "--name", "tuned"])
-    new = LabelStore(store).open("tuned")
-    assert new.id != old.id
+    old, new, before = label_base_then_tuned(store, coco128, coco128_gt["images"][:2], small_preset, out)
     assert new.manifest["teachers"]["detector"]["adapter_sha256"] == rec["adapter_sha256"]
     assert "adapter_sha256" not in old.manifest["teachers"]["detector"]
-    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in old.shards()} == before
+    assert shard_hashes(old) == before
     assert new.counts().images == 2
 
     # the loop closes: `teachers eval` reads this finetune.json (label set, split) and compares the

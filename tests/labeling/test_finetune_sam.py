@@ -96,8 +96,14 @@ def test_checkpoint_loads_and_labels_like_the_trained_model(work, trained):
     teacher = SamTeacher("vit_tiny", str(trained["out"]), device="cpu", min_region_area=0)
     for k, v in model.state_dict().items():
         assert torch.equal(teacher.sam.state_dict()[k], v), k
-    cache = EmbeddingCache(model, work["emb"], torch.device("cpu"))
-    for s in trained["train"][:2]:
+    assert_labels_like_the_trained_model(teacher, model, EmbeddingCache(model, work["emb"], torch.device("cpu")),
+                                         trained["train"][:2])
+
+
+def assert_labels_like_the_trained_model(teacher, model, cache, samples) -> None:
+    """The labelling teacher's masks for each sample's boxes equal the in-memory trained model's
+    (``predict_masks``), pixel for pixel, and are not empty."""
+    for s in samples:
         rles, _ = teacher(decode(s.path).pixels, s.boxes)
         ours = predict_masks(model, cache, s)
         labelled = mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)

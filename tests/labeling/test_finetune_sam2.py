@@ -33,8 +33,8 @@ from distillery.labeling.segmenter import encode_masks
 from distillery.labeling.segmenter_hf import HF_TEACHERS, Sam2Teacher
 from distillery.labeling.teachers import TeacherPreset, detector_identity, file_sha256
 from distillery.labeling.tiny import write_tiny_hf_segmenter, write_tiny_sam
-from tests.labeling.test_finetune_run import gt_subset, run
-from tests.labeling.test_finetune_sam import TRAIN_IDS, coco_samples
+from tests.labeling.test_finetune_run import gt_subset, label_base_then_tuned, run, shard_hashes
+from tests.labeling.test_finetune_sam import TRAIN_IDS, assert_labels_like_the_trained_model, coco_samples
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -119,13 +119,8 @@ def test_sam2_folder_loads_through_the_preset_and_labels_like_the_trained_model(
     assert isinstance(seg, Sam2Teacher)
     for k, v in model.model.state_dict().items():
         assert torch.equal(seg.model.state_dict()[k], v), k
-    cache = EmbeddingCache(model, work["emb"], torch.device("cpu"))
-    for s in trained["train"][:2]:
-        rles, _ = seg(decode(s.path).pixels, s.boxes)
-        ours = predict_masks(model, cache, s)
-        labelled = mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
-        assert ours.shape == labelled.shape == (len(s.boxes), s.height, s.width)
-        assert ours.any() and np.array_equal(ours, labelled)
+    assert_labels_like_the_trained_model(seg, model, EmbeddingCache(model, work["emb"], torch.device("cpu")),
+                                         trained["train"][:2])
 
 
 def test_sam2_resume_after_one_epoch_equals_two_epochs_in_one_go(work, coco128, coco128_gt):
@@ -247,16 +242,9 @@ def test_cli_finetunes_sam2_writes_folder_preset_provenance_and_labels_into_a_ne
     assert rec["epochs"][-1]["val_miou"] == pytest.approx(mask_miou(teacher("sam2", folder), val, "cpu"), abs=1e-6)
 
     # labelling with it makes a new label set; the old one is untouched
-    imgs = [coco128 / "images" / im["file_name"] for im in coco128_gt["images"][:1]]
-    label = ["label", *imgs, "--classes", "person,dog", "--store", store, "--runner", "local", "--quiet"]
-    run([*label, "--teachers", sam2_preset, "--name", "base"])
-    old = LabelStore(store).open("base")
-    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in old.shards()}
-    run([*label, "--teachers", out / "preset.yaml", "--name", "tuned"])
-    new = LabelStore(store).open("tuned")
-    assert new.id != old.id
+    old, new, before = label_base_then_tuned(store, coco128, coco128_gt["images"][:1], sam2_preset, out)
     assert new.manifest["teachers"]["segmenter"]["files"]["model.safetensors"] == sha
-    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in old.shards()} == before
+    assert shard_hashes(old) == before
 
     # --resume after the run: nothing retrained, the same weights; --method is the detector's
     log = run([*args, "--resume"])
