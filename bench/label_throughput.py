@@ -7,6 +7,8 @@
     python bench/label_throughput.py --runner ray,local,auto
     python bench/label_throughput.py --kind grounding-dino+sam --kind owlv2+sam2 --kind mm-grounding-dino+sam-hq
                                                            # teacher combinations side by side
+    python bench/label_throughput.py --kind sam3 --full --no-tiny --n-full 1 --classes 8
+                                                           # SAM 3 at full size: one pass per class
 
 For each teacher combination (``--kind``, repeatable: ``DETECTOR+SEGMENTER`` or a grounded
 ``TEACHER`` kind; default ``grounding-dino+sam``) and size, on the same photos and the same
@@ -152,6 +154,7 @@ def main() -> None:
     ap.add_argument("--runner", default="ray", help="comma-separated: ray, local, auto (what `label` picks)")
     ap.add_argument("--segment-actors", type=int, default=None, help="segmenter actors (default: the preset's, 1)")
     ap.add_argument("--rounds", type=int, default=2, help="loop rounds, before and after the jobs; best kept")
+    ap.add_argument("--classes", type=int, default=80, help="the first N of the 80 COCO classes (default all)")
     ap.add_argument("--kind", action="append", default=None, metavar="DET+SEG|TEACHER",
                     help="teacher combination (repeatable), e.g. owlv2+sam2; default grounding-dino+sam")
     args = ap.parse_args()
@@ -159,6 +162,8 @@ def main() -> None:
     import yaml
 
     onto = Ontology.load(resolve_config("ontology", "coco80"))
+    if args.classes < len(onto.classes):  # the first N COCO classes (SAM 3 runs one pass per class)
+        onto = Ontology.from_classes(list(onto.classes[: args.classes]))
     all_paths = sorted(str(p) for p in Path(args.images).glob("*.jpg"))
     runners = args.runner.split(",")
     combos = args.kind or ["grounding-dino+sam"]
