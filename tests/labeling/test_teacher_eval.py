@@ -286,6 +286,6 @@ def test_cli_compares_teachers_of_other_kinds_on_the_imported_gt(gt4, a, b, tmp_
     assert len(set(sets)) == 2
     for t, kinds in zip(r["teachers"], (a, b)):
         ls = LabelStore(d / "store").open(t["labelset"])
-        assert ls.counts().labeled == 2
+        assert ls.counts().labeled >= r["images"]  # the teacher's cache: an earlier eval may have labelled more
         spec = json.dumps(ls.manifest)
         assert all(f'"{k}"' in spec for k in kinds), (kinds, spec[:400])
