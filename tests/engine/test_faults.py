@@ -24,6 +24,7 @@ from distillery.engine.record import ROW_SCHEMA
 from distillery.engine.store import LabelStore
 from distillery.labeling.ontology import Ontology
 from distillery.labeling.teachers import TeacherPreset, labelset_spec
+from tests.engine.conftest import writer_held_by_another_process
 
 CLASSES = "person,car,giraffe"
 
@@ -118,16 +119,8 @@ def test_a_second_label_on_a_label_set_being_written_is_refused_naming_the_holde
     store = tmp_path / "store"
     onto, preset = Ontology.from_classes(CLASSES), TeacherPreset.load(preset_path)
     ls = LabelStore(store).create(labelset_spec(onto, preset))  # the label set `label` below opens
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from distillery.engine.store import LabelStore; "
-         f"w = LabelStore({str(store)!r}).open().writer(); print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with writer_held_by_another_process(store) as holder:
         out = CliRunner().invoke(main, label_args(pool, store, preset_path))
-    finally:
-        holder.kill()
-        holder.wait()
     assert out.exit_code == 1 and "Traceback" not in out.output
     assert out.output.splitlines()[-1] == (
         f"Error: label set {ls.id} is being written by another job (pid {holder.pid}, lock {ls.root / '.lock'}); "

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,6 +11,7 @@ from pycocotools import mask as mask_utils
 from distillery.engine.names import check_name
 from distillery.engine.record import LabelRecord, RecordError
 from distillery.engine.store import LabelSet, LabelStore, StoreError, fingerprint
+from tests.engine.conftest import writer_held_by_another_process
 
 
 def rec(path, image_id, n=2, C=3, h=20, w=30):
@@ -223,19 +222,11 @@ def test_lock_names_the_holder_pid_and_dies_with_it(tmp_path):
     """A second writer is refused in one line naming the holder's pid; a holder killed with
     SIGKILL leaves the lock file behind, but not the lock."""
     ls = LabelStore(tmp_path).create(_spec("a"))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from distillery.engine.store import LabelStore; "
-         f"w = LabelStore({str(tmp_path)!r}).open().writer(); print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with writer_held_by_another_process(tmp_path) as holder:
         with pytest.raises(StoreError) as e:
             ls.writer()
         assert str(e.value) == (f"label set {ls.id} is being written by another job (pid {holder.pid}, lock "
                                 f"{ls.root / '.lock'}); wait for it to finish or stop it, then rerun")
-    finally:
-        holder.kill()
-        holder.wait()
     with ls.writer() as w:  # the kernel released the flock of the killed holder
         w.add(rec("a.jpg", "1", C=1).to_row())
     assert (ls.root / ".lock").read_text().strip() == str(os.getpid())
