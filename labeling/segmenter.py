@@ -114,6 +114,11 @@ def load_sam(model_type: str, checkpoint: str | None):
     return builders[model_type](checkpoint=checkpoint)
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """``torch.autocast`` to ``dtype`` on ``device`` (fp16/bf16 on a GPU); off for float32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 class SamTeacher:
     """Masks for given boxes with SAM.
 
@@ -150,7 +155,7 @@ class SamTeacher:
         self.min_region_area = int(min_region_area)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        return autocast(self.device, self.dtype)
 
     @torch.inference_mode()
     def embed(self, image: np.ndarray) -> None:

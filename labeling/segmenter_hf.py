@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from distillery.labeling.detector import DTYPES, resolve_device
-from distillery.labeling.segmenter import MIN_REGION_AREA, masks_for_boxes
+from distillery.labeling.segmenter import MIN_REGION_AREA, autocast, masks_for_boxes
 
 
 class HFSegmenter:
@@ -100,7 +100,7 @@ class HFSegmenter:
             f"nor a hub id in the cache. {type(e).__name__}: {first}")
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        return autocast(self.device, self.dtype)
 
     # --- per-kind differences --------------------------------------------------------------
 
