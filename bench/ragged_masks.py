@@ -19,7 +19,9 @@ default (100 px, after). Printed:
   validation, first epoch dropped) on the GT set, on the raw teacher set with the data path
   before this change (each mask converted, exactly, every time a sample is loaded: one epoch,
   start-up included), on the raw set with the data path after (converted once per run,
-  simplified), on the cleaned set (after), and on the cleaned set with every mask replaced by
+  simplified), on the cleaned set traced at full resolution (stop 15's data path), on the
+  cleaned set traced in the frame ultralytics fills polygons in (after:
+  ``StoreSegDataset.polygon_scale``), and on the cleaned set with every mask replaced by
   its box (the floor that no mask treatment can beat: the teacher set has more instances than
   the GT); the ratios to GT. Goal: cleaned teacher set / GT <= 2.
 """
@@ -130,12 +132,24 @@ def legacy_dataset_class():
     return LegacyStoreSegDataset
 
 
+def full_size_dataset_class():
+    """The student's dataset as at stop 15: masks traced at their full resolution (0.5 px),
+    not in the frame ultralytics fills polygons in."""
+    from distillery.student.data import StoreSegDataset
+
+    class FullSizeStoreSegDataset(StoreSegDataset):
+        def polygon_scale(self, h, w):
+            return 1.0
+
+    return FullSizeStoreSegDataset
+
+
 def boxes_dataset_class():
     """The student's dataset with every mask replaced by its box outline."""
     from distillery.student.data import StoreSegDataset, _box_polygon
 
     class BoxStoreSegDataset(StoreSegDataset):
-        def segment(self, row):
+        def segment(self, row, scale=1.0):
             return _box_polygon(self.table.boxes[row])
 
     return BoxStoreSegDataset
@@ -166,7 +180,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=8, help="coco128 photos")
     ap.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is dropped)")
-    ap.add_argument("--legacy-epochs", type=int, default=1, help="epochs of the slow before-run")
+    ap.add_argument("--legacy-epochs", type=int, default=1, help="epochs of the slow before-run (0: skip it)")
     ap.add_argument("--imgsz", type=int, default=160)
     ap.add_argument("--workers", type=int, default=0, help="dataloader workers (0: loading counts in full)")
     args = ap.parse_args()
@@ -207,8 +221,11 @@ def main() -> None:
     common = dict(epochs=args.epochs, imgsz=args.imgsz, batch=8, seed=0, plots=False, val=False,
                   workers=args.workers, exist_ok=True, close_mosaic=0)
     runs = {}
-    for name, ls, cls in (("GT (after)", gt_ls, None), ("raw teacher set, data path before", raw, legacy_dataset_class()),
-                          ("raw teacher set, data path after", raw, None), ("cleaned teacher set (after)", clean, None),
+    for name, ls, cls in (("GT (after)", gt_ls, None),
+                          *([("raw teacher set, data path before", raw, legacy_dataset_class())] if args.legacy_epochs else []),
+                          ("raw teacher set, data path after", raw, None),
+                          ("cleaned teacher set, traced at full size", clean, full_size_dataset_class()),
+                          ("cleaned teacher set (after)", clean, None),
                           ("cleaned teacher set, masks as boxes", clean, boxes_dataset_class())):
         kw = {**common, "epochs": args.legacy_epochs} if name.endswith("before") else common
         runs[name] = epoch_seconds(work / "store", ls.id, gt_ls.id, work / f"run-{len(runs)}", cls, **kw)
@@ -218,7 +235,7 @@ def main() -> None:
           "first; ratio to GT)")
     for name, ts in runs.items():
         m = statistics.median(ts)
-        print(f"  {name:36s} {m:7.2f} s  {m / g:6.2f}x   (epochs: {', '.join(f'{t:.1f}' for t in ts)})")
+        print(f"  {name:42s} {m:7.2f} s  {m / g:6.2f}x   (epochs: {', '.join(f'{t:.1f}' for t in ts)})")
     print(f"goal: cleaned teacher set / GT <= 2.00 -> {statistics.median(runs['cleaned teacher set (after)']) / g:.2f}")
 
 

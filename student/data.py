@@ -11,7 +11,10 @@ label. Masks travel as store RLE and become polygons once per run, when the data
 epoch: by :func:`distillery.engine.polygons.mask_to_polygon` (the YOLO-seg export's conversion
 too, at its 0.5 px Douglas-Peucker tolerance): every outline *and hole* is kept, joined into one
 "keyhole" polygon (zero-width bridges), which ``cv2.fillPoly`` in ultralytics' ``polygon2mask``
-fills back with holes open and all parts present. The polygons stay in memory with the labels,
+fills back with holes open and all parts present. Each mask is traced in the finest frame
+ultralytics ever fills it in (:meth:`StoreSegDataset.polygon_scale`: ``imgsz * (1 + scale)``
+longest side), not at the photo's full size, so a small ``imgsz`` pays for no vertices it
+cannot draw. The polygons stay in memory with the labels,
 as ultralytics keeps the segments of its label files (float32, 8 bytes per vertex).
 
 Training instances carry their global row id in ``cls`` through ultralytics' augmentations
@@ -272,6 +275,12 @@ class StoreSegDataset(YOLODataset):
 
     def __init__(self, *args, table: TrainTable, split: str, **kwargs):
         self.table, self.split = table, split
+        hyp = kwargs.get("hyp")
+        #: longest side, px, that an image of this split ever has where ultralytics rasterises its
+        #: polygons (``polygon2mask``: vertices truncated to int32, ``cv2.fillPoly`` at the augmented
+        #: image's size, then resized to the loss's mask frame): loaded at ``imgsz`` (longest side),
+        #: zoomed by at most ``1 + hyp.scale`` (``RandomPerspective``, training only).
+        self.fill_side = kwargs["imgsz"] * (1 + (float(getattr(hyp, "scale", 0.5)) if kwargs.get("augment") else 0.0))
         super().__init__(*args, **kwargs)
 
     def get_img_files(self, img_path):
@@ -298,22 +307,34 @@ class StoreSegDataset(YOLODataset):
             from ultralytics.utils import NUM_THREADS, TQDM
 
             segs = {}
+            size = {i: hw for i, (_, hw, _) in enumerate(t.images[self.split])}
             with ThreadPool(NUM_THREADS) as pool:  # cv2 and pycocotools release the GIL for most of the work
-                it = pool.imap(lambda ir: (ir, self.segment(ir[1])), todo, chunksize=8)
+                it = pool.imap(lambda ir: (ir, self.segment(ir[1], self.polygon_scale(*size[ir[0]]))), todo, chunksize=8)
                 for (i, r), seg in TQDM(it, total=len(todo), desc=f"{self.prefix}masks to polygons (once per run)"):
                     segs[i, r] = seg
             for i, (_, (h, w), rows) in enumerate(t.images[self.split]):
                 labels[i]["segments"] = [segs[i, r] / np.array([w, h], np.float32) for r in rows]
         return labels
 
-    def segment(self, row: int) -> np.ndarray:
+    def polygon_scale(self, h: int, w: int) -> float:
+        """The factor, ``<= 1``, from an ``h x w`` image's pixels to the finest frame ultralytics
+        fills its polygons in (:attr:`fill_side`). Masks are traced there (``mask_to_polygon(...,
+        scale=)``, 0.5 px Douglas-Peucker in that frame's pixels), so detail that ``fillPoly``
+        cannot draw costs no vertices: ultralytics resamples every polygon of an image (and of a
+        mosaic) to the longest one's length and transforms every vertex on every load, so a
+        ragged mask's vertices slow every sample that holds it. Targets ultralytics rasterises
+        from these polygons are as close to the mask as from full-resolution ones
+        (``tests/student/test_data.py``)."""
+        return min(1.0, self.fill_side / max(h, w))
+
+    def segment(self, row: int, scale: float = 1.0) -> np.ndarray:
         """float32 ``(K, 2)`` polygon, ``(x, y)`` absolute pixels, of a table row: its mask's
-        keyhole polygon (:func:`distillery.engine.polygons.mask_to_polygon`), or its box
-        outline for an ignore region or an empty mask."""
+        keyhole polygon (:func:`distillery.engine.polygons.mask_to_polygon`, traced at
+        ``scale``), or its box outline for an ignore region or an empty mask."""
         t = self.table
         if t.ignore[row]:
             return _box_polygon(t.boxes[row])
-        seg = mask_to_polygon(mask_utils.decode(t.masks[row]))
+        seg = mask_to_polygon(mask_utils.decode(t.masks[row]), scale=scale)
         return seg if len(seg) else _box_polygon(t.boxes[row])
 
     def update_labels_info(self, label: dict) -> dict:

@@ -166,3 +166,22 @@ def test_coco128_gt_masks_round_trip_at_iou_099(coco128_gt):
     assert len(big) == 518 and len(small) == 411
     assert big.mean() >= 0.995 and big.min() >= 0.97 and small.mean() >= 0.98
     assert n_simple * 2.5 <= n_exact
+
+
+def test_scaled_trace_lands_in_the_mask_frame():
+    """``scale``: the outline is traced on the resized mask and mapped back: a 300x200 rectangle at
+    scale 0.25 (4 px per traced pixel) has its corners within one traced pixel of the true ones
+    and rasterises back (pycocotools) at IoU >= 0.98; a mask too small to survive the resize is
+    traced at full size; a scale outside (0, 1] is refused."""
+    m = np.zeros((480, 640), bool)
+    m[100:300, 200:500] = True
+    poly = mask_to_polygon(m, scale=0.25)
+    np.testing.assert_allclose([*poly.min(0), *poly.max(0)], [200, 100, 500, 300], atol=4)
+    assert _iou(coco_raster_hw(poly, 480, 640), m) >= 0.98
+    np.testing.assert_array_equal(mask_to_polygon(m, scale=1.0), mask_to_polygon(m))
+    diagonal = np.zeros((480, 640), bool)
+    diagonal[np.arange(10, 18), np.arange(20, 28)] = True  # its 8x8 box is one pixel at 1/8, 1/8 covered
+    np.testing.assert_array_equal(mask_to_polygon(diagonal, scale=0.125), mask_to_polygon(diagonal))
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            mask_to_polygon(m, scale=bad)
