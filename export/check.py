@@ -12,7 +12,8 @@ gives at least ``min_ref`` detections (reported).
 Latency is ultralytics' own ``inference`` time per image (the runtime call, without pre- and
 post-processing), averaged with the first image dropped; each model runs with its runtime's
 default threads (ONNX Runtime: all cores; OpenVINO: ``PERFORMANCE_HINT: LATENCY``, as
-ultralytics' ``OpenVINOBackend`` compiles it).
+ultralytics' ``OpenVINOBackend`` compiles it, so at OpenVINO's default inference precision:
+bf16 on CPUs with AVX-512 BF16 / AMX, which the report states).
 """
 
 from __future__ import annotations
@@ -69,11 +70,17 @@ def export_check(models: dict, gt: dict, image_paths: list[str], imgsz: int, cla
         model but ``fp32`` and ``pytorch`` (only with ``fp32``), "reference": {"conf",
         "detections"}, "targets", "images", "imgsz"}``. Drops are in points (100 x mAP50-95);
         ``speedup`` is FP32 latency / the model's; agreement is None without reference detections.
+        With an OpenVINO model, ``"openvino_inference_precision"``: what OpenVINO computed in
+        (:func:`distillery.export.openvino.cpu_inference_precision`).
     """
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         raise ValueError(f"unknown model keys {unknown}; use {list(MODELS)}")
     report: dict = {"images": len(image_paths), "imgsz": imgsz, "models": {}, "targets": TARGETS}
+    if any(k.startswith("openvino") for k in models):
+        from distillery.export.openvino import cpu_inference_precision
+
+        report["openvino_inference_precision"] = cpu_inference_precision()
     preds = {}
     for name in [k for k in MODELS if k in models]:
         path = models[name]
@@ -124,6 +131,10 @@ def format_report(r: dict) -> str:
         elif name == "fp32" and vs:
             row += f"{'(reference)':>11}"
         lines.append(row)
+    if r.get("openvino_inference_precision", "f32") != "f32":
+        lines.append(f"OV rows: OpenVINO computed floating-point layers in {r['openvino_inference_precision']} on this CPU "
+                     "(its default INFERENCE_PRECISION_HINT, which ultralytics keeps): OV FP32 has FP32 weights, not FP32 "
+                     "arithmetic")
     if vs:
         t = TARGETS
         lines.append(f"against ORT FP32 (agreement: scored against its {r['reference']['detections']} detections at conf "

@@ -160,12 +160,18 @@ def export_openvino_cmd(model, precision, store, labelset, images_dir, calib_ima
                             preset=preset or "mixed", overwrite=overwrite)
     except OpenVinoMissing as e:
         raise UserError(str(e)) from e
+    from distillery.export.openvino import cpu_inference_precision
+
     ir = r["ir"]
     click.echo(f"wrote {r['path']} ({precision}): {Path(r['xml']).name}, {ir['layers']} layers, {ir['FakeQuantize']} "
                f"FakeQuantize, {ir['low_precision_constants']} INT8 constants")
     if precision == "int8":
         click.echo(f"calibrated on {r['calibration_images']} images (NNCF, {preset or 'mixed'}); head {head or 'outputs'}: "
                    f"{r['ignored_ops']} operations kept in floating point")
+    if cpu_inference_precision() != "f32":
+        click.echo(f"note: OpenVINO on this CPU computes floating-point layers in {cpu_inference_precision()} by default "
+                   "(INFERENCE_PRECISION_HINT; ultralytics' YOLO() keeps that default), not in FP32: measure with "
+                   "`distillery export check`")
 
 
 @export.command("engine")

@@ -27,6 +27,16 @@ failure leaves no half-written model; an existing ``--out`` is replaced only wit
 ``overwrite=True``, and only if it holds an OpenVINO model and nothing else.
 
 ``openvino`` and ``nncf`` are the optional extra ``distillery[openvino]``.
+
+**FP32 weights do not mean FP32 arithmetic.** OpenVINO's CPU plugin computes floating-point
+layers in bf16 by default on CPUs with AVX-512 BF16 or AMX (its ``INFERENCE_PRECISION_HINT``;
+OpenVINO docs, "Precision Control"), and ultralytics' ``AutoBackend`` compiles with that
+default. A hint stored in the IR's ``rt_info`` is not honoured for this property (tried,
+OpenVINO 2026.4), so the folder cannot pin it: :func:`cpu_inference_precision` names what this
+machine will use, and ``export openvino``, ``export check`` and ``bench/export_latency.py``
+print it. Measured here (AMX-BF16 CPU, yolov8n-seg at 640, 1 thread): ONNX Runtime FP32
+94.9 ms, OpenVINO f32 90.1 ms (1.05x), OpenVINO default (bf16) 30.5 ms (3.11x); the 2.35x that
+issue 12 reported for "OpenVINO FP32" was bf16.
 """
 
 from __future__ import annotations
@@ -166,6 +176,18 @@ def head_ops(model, prefix: str) -> list[str]:
             head.add(name)
             names.append(name)
     return names
+
+
+def cpu_inference_precision() -> str:
+    """The floating-point precision OpenVINO's CPU plugin computes in on this machine by default
+    (``ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")``): ``"bf16"`` on CPUs with
+    AVX-512 BF16 / AMX, else ``"f32"`` (module docstring).
+
+    Raises:
+        OpenVinoMissing: ``openvino`` is not installed.
+    """
+    ov, _ = _import(False)
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()  # "bf16", "f32", "f16"
 
 
 def export_openvino(onnx_in: str | Path, out: str | Path, precision: str = "fp32", images: list[str] | None = None,

@@ -19,6 +19,23 @@ ov = pytest.importorskip("openvino", reason="the openvino extra is not installed
 pytest.importorskip("nncf", reason="the openvino extra is not installed: pip install 'distillery[openvino]'")
 
 
+@pytest.fixture
+def openvino_f32(monkeypatch):
+    """OpenVINO computes in f32 in this test (every ``ov.Core()``, ultralytics' backend's included,
+    as that backend itself pins it on Windows and ARM64): the test is parity of the IR with the
+    ONNX graph. On CPUs with AVX-512 BF16 / AMX OpenVINO's default is bf16
+    (:func:`distillery.export.openvino.cpu_inference_precision`); there the FP32 folder through
+    YOLO() agreed with ONNX Runtime at box/mask mAP50 0.80/0.71 on this tiny student, which
+    ``export check`` reports with the precision it ran at."""
+
+    class F32Core(ov.Core):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.set_property("CPU", {"INFERENCE_PRECISION_HINT": ov.Type.f32})
+
+    monkeypatch.setattr(ov, "Core", F32Core)
+
+
 @pytest.fixture(scope="module")
 def ov_models(student, exported, tmp_path_factory):
     """The FP32 folder and the INT8 folders of each --head mode (outputs: the default),
@@ -75,7 +92,7 @@ def test_folder_layout_and_metadata_are_ultralytics(exported, ov_models):
     assert (folder / "student.bin").stat().st_size > 0.95 * Path(exported).stat().st_size
 
 
-def test_fp32_loads_in_yolo_and_matches_onnx(exported, ov_models, photos):
+def test_fp32_loads_in_yolo_and_matches_onnx(exported, ov_models, photos, openvino_f32):
     """Raw outputs within 1e-4 of each output's magnitude of ONNX Runtime's on 4 photos, and after
     ultralytics' post-processing (YOLO() on the folder) the 10 best detections of each photo have
     a twin (same class, box IoU > 0.999, score within 1e-3) among the ONNX model's."""
@@ -169,7 +186,7 @@ def test_int8_outputs_stay_close_to_fp32_on_photos(student, exported, ov_models,
             assert r["boxes"] < 0.6, (key, r)
 
 
-def test_cli_export_openvino_and_check_side_by_side(student, exported, tmp_path, coco128):
+def test_cli_export_openvino_and_check_side_by_side(student, exported, tmp_path, coco128, openvino_f32):
     """`export openvino` FP32 and INT8 (from a label set), then `export check` with ORT FP32/INT8
     and OpenVINO FP32/INT8 in one report: OpenVINO FP32 scores as ORT FP32 does (same graph)."""
     from distillery.export.int8 import quantize, calibration_images
@@ -178,6 +195,7 @@ def test_cli_export_openvino_and_check_side_by_side(student, exported, tmp_path,
     run = CliRunner().invoke
     r = run(main, ["export", "openvino", "--model", str(exported), "--out", str(tmp_path / "s_openvino_model")])
     assert r.exit_code == 0 and "0 FakeQuantize" in r.output, r.output
+    assert "computes floating-point layers in" not in r.output, r.output  # f32 pinned (openvino_f32)
     r = run(main, ["export", "openvino", "--model", str(exported), "--precision", "int8", "--store", str(d / "store"),
                    "--calib-images", "8", "--out", str(tmp_path / "s_int8_openvino_model")])
     assert r.exit_code == 0 and "calibrated on 8 images (NNCF, mixed); head outputs" in r.output, r.output
@@ -196,6 +214,26 @@ def test_cli_export_openvino_and_check_side_by_side(student, exported, tmp_path,
     assert all(v["speedup"] > 0 for v in rep["vs_fp32"].values())
     for row in ("ORT FP32", "ORT INT8", "OV FP32", "OV INT8"):
         assert row in r.output
+    assert rep["openvino_inference_precision"] == "f32" and "OpenVINO computed" not in r.output  # pinned here
+
+
+def test_check_states_the_precision_openvino_computed_in(exported, tmp_path):
+    """OpenVINO's CPU plugin computes in bf16 by default where the CPU has AVX-512 BF16 / AMX
+    (this development machine): the report records the precision of ``ov.Core()`` as the check
+    ran, and the table says so under the OV rows, so "OV FP32" is not read as FP32 arithmetic."""
+    from distillery.export.check import format_report
+    from distillery.export.openvino import cpu_inference_precision
+
+    assert cpu_inference_precision() == ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    m = {"bbox": {"mAP50-95": 0.1}, "segm": {"mAP50-95": 0.1, "mAP50": 0.2}, "latency_ms": 5.0}
+    rep = {"images": 2, "imgsz": 320, "models": {"fp32": m, "openvino-fp32": m}}
+    for precision, said in (("bf16", True), ("f32", False), (None, False)):
+        text = format_report({**rep, **({"openvino_inference_precision": precision} if precision else {})})
+        assert ("OpenVINO computed floating-point layers in bf16 on this CPU" in text) == said, text
+    r = CliRunner().invoke(main, ["export", "openvino", "--model", str(exported), "--out", str(tmp_path / "s_openvino_model")])
+    assert r.exit_code == 0, r.output
+    default = cpu_inference_precision()
+    assert (f"OpenVINO on this CPU computes floating-point layers in {default} by default" in r.output) == (default != "f32")
 
 
 def _one_error_line(r, *needles):
@@ -266,7 +304,8 @@ def test_missing_extra_names_the_install_command(exported, tmp_path, monkeypatch
     assert not any(tmp_path.iterdir())
 
 
-def test_eval_takes_the_openvino_folder_and_scores_it_like_the_onnx(student, exported, ov_models, coco128, tmp_path):
+def test_eval_takes_the_openvino_folder_and_scores_it_like_the_onnx(student, exported, ov_models, coco128, tmp_path,
+                                                                     openvino_f32):
     """`distillery eval --model NAME_openvino_model/` runs through ultralytics' OpenVINO backend:
     the report equals the FP32 ONNX's, and the predictions match box for box."""
     from distillery.engine.evaluation import predict_ultralytics
