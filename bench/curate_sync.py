@@ -135,7 +135,7 @@ def main() -> None:
         w, c = best.get(key, (float("inf"), float("inf")))
         best[key] = (min(w, wall), min(c, cpu))
 
-    def samples_of(paths=None):  # the samples sync makes, without pHash (built untimed)
+    def samples_of(paths=None):  # the samples sync makes, without pHash (timed apart: build)
         return [record_to_sample(r, ls.classes, cfg, "x:0", with_phash=False)
                 for r in ls.iter_records() if paths is None or r.path in paths]
 
@@ -196,7 +196,7 @@ def main() -> None:
         print(f"sync / add_samples (goal <= 1.5): first {fw / pw:.2f} | incremental {iw / qw:.2f}   "
               f"(CPU: first {fc / pc:.2f} | incremental {ic / qc:.2f})")
         (bw, _), (cw, _) = best["build"], best["build_incr"]
-        print(f"sync / (building the same fo.Samples + add_samples): first {fw / (pw + bw):.2f} | incremental "
+        print(f"sync with pHash / (building the same fo.Samples, no pHash, + add_samples): first {fw / (pw + bw):.2f} | incremental "
               f"{iw / (qw + cw):.2f}   (building them alone: {bw * 1000 / args.n:.2f} s / 1000 images, FiftyOne's "
               "Detection documents with Distillery's attributes)")
     finally:

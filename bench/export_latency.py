@@ -110,14 +110,16 @@ def main() -> None:
     ap.add_argument("--check-imgsz", type=int, default=None,
                     help="export check input size (default: the student's training imgsz, from its checkpoint)")
     ap.add_argument("--calib", type=int, default=64, help="calibration images (shapes: training images; person16: coco128)")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--method", default="minmax")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds over the 16 photos (median counts)")
+    ap.add_argument("--method", default="minmax", help="ORT INT8 calibration method (export int8 --method)")
     ap.add_argument("--threads", type=int, default=0, help="threads of every runtime (0: each one's default, all cores)")
     ap.add_argument("--ov-head", default="outputs", choices=["fp32", "outputs", "int8"], help="OpenVINO INT8 --head")
     ap.add_argument("--ov-preset", default="mixed", choices=["mixed", "performance"], help="OpenVINO INT8 NNCF preset")
     ap.add_argument("--skip-check", action="store_true", help="latency only, no export check")
     args = ap.parse_args()
     args.epochs = args.epochs or {"shapes": 40, "person16": 150}[args.data]
+    if args.model is None and args.data == "shapes" and args.calib > args.train_images:
+        ap.error(f"--calib {args.calib} is more than the {args.train_images} --train-images it draws from")
 
     import onnxruntime as ort
     import openvino as ov
@@ -171,6 +173,7 @@ def main() -> None:
           f"OV INT8 as YOLO() runs it {med['ORT FP32'] / med[ov_int8]:.2f}x (target >= 2)")
 
     if args.skip_check:
+        print(f"(work dir {work})")
         return
     ck = torch.load(model, map_location="cpu", weights_only=False)
     check_imgsz = args.check_imgsz or int((ck.get("train_args") or {}).get("imgsz", args.imgsz))

@@ -54,7 +54,7 @@ def _simplify(contour: np.ndarray, epsilon: float) -> np.ndarray:
 
 
 def mask_to_polygon(mask: np.ndarray, tolerance: float = TOLERANCE, scale: float = 1.0) -> np.ndarray:
-    """bool/uint8 ``(H, W)`` mask -> float32 ``(K, 2)`` polygon, ``(x, y)`` continuous pixels
+    """``(H, W)`` mask (any dtype; non-zero is inside) -> float32 ``(K, 2)`` polygon, ``(x, y)`` continuous pixels
     (module docstring), holding every part and every hole of the mask.
 
     The outlines of all parts and holes (``cv2.findContours``, ``RETR_CCOMP``,
@@ -89,8 +89,13 @@ def mask_to_polygon(mask: np.ndarray, tolerance: float = TOLERANCE, scale: float
         raise ValueError(f"mask_to_polygon takes one (H, W) mask; got shape {mask.shape}")
     if not (np.isfinite(tolerance) and tolerance >= 0):
         raise ValueError(f"mask_to_polygon: tolerance must be a finite number of px >= 0, got {tolerance}")
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"mask_to_polygon: scale must be a number in (0, 1], got {scale!r}") from None
     if not (np.isfinite(scale) and 0 < scale <= 1):
         raise ValueError(f"mask_to_polygon: scale must be a number in (0, 1], got {scale}")
+    mask = mask != 0  # any truthy encoding (bool, 0/1, 0/255) is the same mask
     x0, y0, w, h = cv2.boundingRect(mask.astype(np.uint8))  # work on the mask's box only
     if w == 0 or h == 0:
         return np.zeros((0, 2), np.float32)

@@ -133,8 +133,8 @@ def format_report(r: dict) -> str:
         lines.append(row)
     if r.get("openvino_inference_precision", "f32") != "f32":
         lines.append(f"OV rows: OpenVINO computed floating-point layers in {r['openvino_inference_precision']} on this CPU "
-                     "(its default INFERENCE_PRECISION_HINT, which ultralytics keeps): OV FP32 has FP32 weights, not FP32 "
-                     "arithmetic")
+                     "(its default INFERENCE_PRECISION_HINT here, which ultralytics keeps): a model's float weights do not "
+                     "mean FP32 arithmetic")
     if vs:
         t = TARGETS
         lines.append(f"against ORT FP32 (agreement: scored against its {r['reference']['detections']} detections at conf "

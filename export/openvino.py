@@ -179,14 +179,23 @@ def head_ops(model, prefix: str) -> list[str]:
 
 
 def cpu_inference_precision() -> str:
-    """The floating-point precision OpenVINO's CPU plugin computes in on this machine by default
-    (``ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")``): ``"bf16"`` on CPUs with
-    AVX-512 BF16 / AMX, else ``"f32"`` (module docstring).
+    """The floating-point precision OpenVINO computes a model in on this machine's CPU when
+    ultralytics' ``YOLO()`` runs it (``export check``, ``eval``, a user's own script):
+    ``"f32"`` where ultralytics' OpenVINO backend pins it (Windows, and Linux on ARM64:
+    ``ultralytics/nn/backends/openvino.py``, ``INFERENCE_PRECISION_HINT``), else the CPU
+    plugin's default (``ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT")``):
+    ``"bf16"`` on CPUs with AVX-512 BF16 / AMX, ``"f32"`` on other x86 CPUs (module docstring).
 
     Raises:
         OpenVinoMissing: ``openvino`` is not installed.
     """
     ov, _ = _import(False)
+    try:  # the flags the backend itself tests
+        from ultralytics.nn.backends import openvino as backend
+    except ImportError:  # an ultralytics without that module: its utils define the same flags
+        from ultralytics import utils as backend
+    if backend.WINDOWS or (backend.LINUX and backend.ARM64):
+        return "f32"
     return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()  # "bf16", "f32", "f16"
 
 

@@ -182,6 +182,9 @@ def test_scaled_trace_lands_in_the_mask_frame():
     diagonal = np.zeros((480, 640), bool)
     diagonal[np.arange(10, 18), np.arange(20, 28)] = True  # its 8x8 box is one pixel at 1/8, 1/8 covered
     np.testing.assert_array_equal(mask_to_polygon(diagonal, scale=0.125), mask_to_polygon(diagonal))
-    for bad in (0.0, 1.5, float("nan")):
+    disk = cv2.circle(np.zeros((300, 400), np.uint8), (200, 150), 97, 1, -1)
+    for other in (disk * 255, disk.astype(bool), disk.astype(np.float32) * 2.5):  # any non-zero is inside
+        np.testing.assert_array_equal(mask_to_polygon(other, scale=0.1), mask_to_polygon(disk, scale=0.1))
+    for bad in (0.0, 1.5, float("nan"), "half", None):
         with pytest.raises(ValueError, match="scale"):
             mask_to_polygon(m, scale=bad)

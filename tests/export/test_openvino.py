@@ -217,19 +217,27 @@ def test_cli_export_openvino_and_check_side_by_side(student, exported, tmp_path,
     assert rep["openvino_inference_precision"] == "f32" and "OpenVINO computed" not in r.output  # pinned here
 
 
-def test_check_states_the_precision_openvino_computed_in(exported, tmp_path):
+def test_check_states_the_precision_openvino_computed_in(exported, tmp_path, monkeypatch):
     """OpenVINO's CPU plugin computes in bf16 by default where the CPU has AVX-512 BF16 / AMX
     (this development machine): the report records the precision of ``ov.Core()`` as the check
     ran, and the table says so under the OV rows, so "OV FP32" is not read as FP32 arithmetic."""
     from distillery.export.check import format_report
     from distillery.export.openvino import cpu_inference_precision
 
-    assert cpu_inference_precision() == ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    from ultralytics.nn.backends import openvino as backend
+
+    pinned = backend.WINDOWS or (backend.LINUX and backend.ARM64)  # where ultralytics compiles with f32
+    default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+    assert cpu_inference_precision() == ("f32" if pinned else default)
+    with monkeypatch.context() as mp:  # the backend's own rule: on Windows it pins f32, whatever the CPU
+        mp.setattr(backend, "WINDOWS", True)
+        assert cpu_inference_precision() == "f32"
     m = {"bbox": {"mAP50-95": 0.1}, "segm": {"mAP50-95": 0.1, "mAP50": 0.2}, "latency_ms": 5.0}
     rep = {"images": 2, "imgsz": 320, "models": {"fp32": m, "openvino-fp32": m}}
     for precision, said in (("bf16", True), ("f32", False), (None, False)):
         text = format_report({**rep, **({"openvino_inference_precision": precision} if precision else {})})
         assert ("OpenVINO computed floating-point layers in bf16 on this CPU" in text) == said, text
+        assert "FP32 arithmetic" in text if said else "FP32 arithmetic" not in text
     r = CliRunner().invoke(main, ["export", "openvino", "--model", str(exported), "--out", str(tmp_path / "s_openvino_model")])
     assert r.exit_code == 0, r.output
     default = cpu_inference_precision()
