@@ -136,7 +136,8 @@ def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, he
               help="int8: or calibrate on a folder of in-domain images.")
 @click.option("--calib-images", type=click.IntRange(min=1), default=None, help="int8: calibration images [default: 512].")
 @click.option("--head", type=click.Choice(["fp32", "outputs", "int8"]), default=None,
-              help="int8: detection/mask head precision, as in `export int8` [default: outputs].")
+              help="int8: detection/mask head precision, the values of `export int8 --head` (fp32: all of the head; "
+                   "outputs: its output convs and what follows) [default: outputs, unlike export int8's fp32].")
 @click.option("--preset", type=click.Choice(["mixed", "performance"]), default=None,
               help="int8: NNCF preset, mixed (asymmetric activations) or performance (symmetric) [default: mixed].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OpenVINO model folder at --out.")
