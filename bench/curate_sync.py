@@ -28,6 +28,7 @@ FIFTYONE_DATABASE_DIR is set.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import tempfile
 import time
@@ -35,8 +36,6 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TMP = Path(tempfile.mkdtemp(prefix="curate-bench-"))
-os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(TMP / "db"))
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 
 import numpy as np  # noqa: E402
@@ -94,11 +93,20 @@ class Clock:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=1000, help="images in the first sync")
-    ap.add_argument("--new", type=int, default=100, help="images added before the incremental sync")
-    ap.add_argument("--instances", type=int, default=10)
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the fastest counts")
+    def positive(text: str) -> int:
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+        return int(text)
+
+    ap.add_argument("--n", type=positive, default=1000, help="images in the first sync")
+    ap.add_argument("--new", type=positive, default=100, help="images added before the incremental sync")
+    ap.add_argument("--instances", type=positive, default=10)
+    ap.add_argument("--repeat", type=positive, default=3, help="runs of each measurement; the fastest counts")
     args = ap.parse_args()
+    TMP = Path(tempfile.mkdtemp(prefix="curate-bench-"))  # images, store and (by default) FiftyOne's database
+    os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(TMP / "db"))
+    # not removed at exit: FiftyOne's mongod outlives this process by a moment and aborts if its files go
+    atexit.register(print, f"(work dir {TMP}: images, label store and database; delete it when done)")
 
     import fiftyone as fo
     from fiftyone import ViewField as F
