@@ -65,7 +65,7 @@ def student_and_gt(args, work: Path):
     if args.model is not None:
         return args.model, gt_path, images, calib_dir, names
     store = LabelStore(work / "store")
-    ls, _ = import_coco(store, str(train_gt), str(calib_dir if args.data == "shapes" else images))
+    ls, _ = import_coco(store, str(train_gt), str(calib_dir))  # the training images (person16: coco128's)
     val, _ = import_coco(store, str(gt_path), str(images)) if args.data == "shapes" else (ls, None)
     t = time.perf_counter()
     run = train(work / "store", work / "run", labelset=ls.id, selection=Selection(val_fraction=0.0),

@@ -169,8 +169,9 @@ def export_openvino_cmd(model, precision, store, labelset, images_dir, calib_ima
     if precision == "int8":
         click.echo(f"calibrated on {r['calibration_images']} images (NNCF, {preset or 'mixed'}); head {head or 'outputs'}: "
                    f"{r['ignored_ops']} operations kept in floating point")
-    if cpu_inference_precision() != "f32":
-        click.echo(f"note: OpenVINO on this CPU computes floating-point layers in {cpu_inference_precision()} by default "
+    runs_in = cpu_inference_precision()
+    if runs_in != "f32":
+        click.echo(f"note: OpenVINO on this CPU computes floating-point layers in {runs_in} by default "
                    "(INFERENCE_PRECISION_HINT; ultralytics' YOLO() keeps that default), not in FP32: measure with "
                    "`distillery export check`")
 

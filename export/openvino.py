@@ -33,10 +33,10 @@ layers in bf16 by default on CPUs with AVX-512 BF16 or AMX (its ``INFERENCE_PREC
 OpenVINO docs, "Precision Control"), and ultralytics' ``AutoBackend`` compiles with that
 default on Linux x86 (it pins f32 on Windows and on ARM64 Linux). A hint stored in the IR's
 ``rt_info`` is not honoured for this property (tried, OpenVINO 2026.4), so the folder cannot
-pin it: :func:`cpu_inference_precision` names what this machine will use, and ``export openvino``, ``export check`` and ``bench/export_latency.py``
-print it. Measured here (AMX-BF16 CPU, yolov8n-seg at 640, 1 thread): ONNX Runtime FP32
-94.9 ms, OpenVINO f32 90.1 ms (1.05x), OpenVINO default (bf16) 30.5 ms (3.11x); the 2.35x that
-issue 12 reported for "OpenVINO FP32" was bf16.
+pin it: :func:`cpu_inference_precision` names what this machine will use, and
+``export openvino``, ``export check`` and ``bench/export_latency.py`` print it. Measured on a
+2-core AMX-BF16 CPU (yolov8n-seg at 640, 1 thread): ONNX Runtime FP32 94.9 ms, OpenVINO f32
+90.1 ms (1.05x), OpenVINO default (bf16) 30.5 ms (3.11x).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ too, at its 0.5 px Douglas-Peucker tolerance): every outline *and hole* is kept,
 fills back with holes open and all parts present. Each mask is traced in the finest frame
 ultralytics ever fills it in (:meth:`StoreSegDataset.polygon_scale`: ``imgsz * (1 + scale)``
 longest side), not at the photo's full size, so a small ``imgsz`` pays for no vertices it
-cannot draw. The polygons stay in memory with the labels,
-as ultralytics keeps the segments of its label files (float32, 8 bytes per vertex).
+cannot draw. The polygons stay in memory with the labels, as ultralytics keeps the segments
+of its label files (float32, 8 bytes per vertex).
 
 Training instances carry their global row id in ``cls`` through ultralytics' augmentations
 (every transform filters ``cls`` with the instances); the trainer maps rows to the hard
@@ -307,9 +307,9 @@ class StoreSegDataset(YOLODataset):
             from ultralytics.utils import NUM_THREADS, TQDM
 
             segs = {}
-            size = {i: hw for i, (_, hw, _) in enumerate(t.images[self.split])}
+            scales = [self.polygon_scale(h, w) for _, (h, w), _ in t.images[self.split]]
             with ThreadPool(NUM_THREADS) as pool:  # cv2 and pycocotools release the GIL for most of the work
-                it = pool.imap(lambda ir: (ir, self.segment(ir[1], self.polygon_scale(*size[ir[0]]))), todo, chunksize=8)
+                it = pool.imap(lambda ir: (ir, self.segment(ir[1], scales[ir[0]])), todo, chunksize=8)
                 for (i, r), seg in TQDM(it, total=len(todo), desc=f"{self.prefix}masks to polygons (once per run)"):
                     segs[i, r] = seg
             for i, (_, (h, w), rows) in enumerate(t.images[self.split]):

@@ -237,6 +237,36 @@ def test_each_instance_is_converted_once_per_run_not_per_epoch(store, monkeypatc
     assert len(calls) == len(real)
 
 
+
+def test_training_polygons_are_traced_in_the_fill_frame(store):
+    """The dataset's polygons are those traced at ``polygon_scale``: at imgsz 64 with augmentation
+    the fill frame's longest side is 64 * (1 + scale) = 96 px, so a 320 px wide image's masks are
+    traced at 96 / 320 (fewer vertices than at full size); without augmentation at 64 / 320; at an
+    imgsz whose fill frame covers the image, at full size."""
+    from ultralytics.cfg import get_cfg
+
+    from distillery.engine.polygons import mask_to_polygon
+
+    _, ls, _, _ = store
+    t = build_table(ls, Selection(min_score=0.5, ignore_min_score=0.15, val_fraction=0.0, curation=0))
+    for imgsz, augment, want_side in ((64, True, 64 * (1 + get_cfg().scale)), (64, False, 64), (W, True, None)):
+        ds = _dataset(t, imgsz=imgsz, augment=augment)
+        if want_side is not None:
+            assert ds.fill_side == pytest.approx(want_side)
+        unlike_full_size = 0
+        for lb, (_, (h, w), rows) in zip(ds.labels, t.images["train"]):
+            scale = min(1.0, want_side / max(h, w)) if want_side else 1.0
+            assert ds.polygon_scale(h, w) == pytest.approx(scale)
+            for seg, r in zip(lb["segments"], rows):
+                if t.ignore[r]:
+                    continue
+                mask = mask_utils.decode(t.masks[r])
+                np.testing.assert_allclose(seg * [w, h], mask_to_polygon(mask, scale=scale), atol=1e-3)
+                full = mask_to_polygon(mask)
+                unlike_full_size += seg.shape != full.shape or not np.allclose(seg * [w, h], full, atol=1e-3)
+        assert (unlike_full_size > 0) == (want_side is not None)  # the scale is really applied, and only then
+
+
 def _fill_frame_targets(masks, imgsz, augment):
     """For each (H, W) mask: the training target ultralytics rasterises (``polygon2mask``, mask
     ratio 4, at zoom 1 and at the largest zoom ``1 + scale``) from its polygon traced at full size
@@ -252,7 +282,8 @@ def _fill_frame_targets(masks, imgsz, augment):
     from distillery.engine.polygons import mask_to_polygon
 
     hyp = get_cfg()
-    fill = SimpleNamespace(fill_side=imgsz * (1 + hyp.scale) if augment else imgsz)  # as StoreSegDataset sets it
+    # as StoreSegDataset sets it (test_training_polygons_are_traced_in_the_fill_frame)
+    fill = SimpleNamespace(fill_side=imgsz * (1 + hyp.scale) if augment else imgsz)
     ious, verts = ([], []), [0, 0]
     for m in masks:
         h, w = m.shape
