@@ -12,6 +12,18 @@ class UserError(click.ClickException):
     """An error caused by input the user can fix; printed without a traceback."""
 
 
+def install_hint(extra: str) -> str:
+    """How to install the optional extra ``extra`` (``pyproject.toml``'s
+    ``[project.optional-dependencies]``), from PyPI, a checkout or a built wheel."""
+    return (f"pip install 'distillery[{extra}]' (in a checkout: pip install -e '.[{extra}]'; "
+            f"with the wheel: pip install 'dist/distillery-VERSION-py3-none-any.whl[{extra}]')")
+
+
+class MissingExtra(ImportError):
+    """A package of an optional extra is not installed; the message names it and
+    :func:`install_hint`. :func:`fail_cleanly` prints it in one line."""
+
+
 #: Top-level packages whose connection failures mean FiftyOne's database is not reachable.
 DATABASE_PACKAGES = ("fiftyone", "pymongo", "mongoengine", "motor")
 
@@ -38,8 +50,9 @@ def is_database_failure(e: BaseException) -> bool:
 
 
 def fail_cleanly(fn):
-    """Decorator: source, store, config and value errors, file problems (missing, existing,
-    permission, directory) and connection failures become :class:`UserError` (their message,
+    """Decorator: source, store, config and value errors, a missing optional extra
+    (:class:`MissingExtra`), file problems (missing, existing, permission, directory) and
+    connection failures become :class:`UserError` (their message,
     exit status 1); a failure to reach FiftyOne's database (:func:`is_database_failure`, and
     only that) says so; anything else keeps its traceback."""
 
@@ -49,7 +62,7 @@ def fail_cleanly(fn):
         from distillery.engine.store import StoreError
 
         user_errors = (SourceError, StoreError, FileNotFoundError, FileExistsError, PermissionError,
-                       IsADirectoryError, NotADirectoryError, ValueError)
+                       IsADirectoryError, NotADirectoryError, ValueError, MissingExtra)
         try:
             return fn(*args, **kwargs)
         except user_errors as e:

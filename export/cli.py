@@ -147,7 +147,7 @@ def export_int8_cmd(model, store, labelset, images_dir, calib_images, method, he
 def export_openvino_cmd(model, precision, store, labelset, images_dir, calib_images, head, preset, overwrite, out):
     """OpenVINO IR for x86 CPUs and Intel GPUs/NPUs, in a folder ultralytics' YOLO() loads:
     FP32, or INT8 through NNCF on the same calibration images and preprocessing as `export int8`."""
-    from distillery.export.openvino import OpenVinoMissing, check_output, export_openvino
+    from distillery.export.openvino import check_output, export_openvino
 
     int8_only = {"--store": store, "--labelset": labelset, "--images": images_dir, "--calib-images": calib_images,
                  "--head": head, "--preset": preset}
@@ -156,11 +156,8 @@ def export_openvino_cmd(model, precision, store, labelset, images_dir, calib_ima
         raise click.UsageError(f"{given}: for --precision int8 only (FP32 needs no calibration)")
     check_output(out, overwrite)  # before calibration images are read
     paths = _calibration_paths(store, labelset, images_dir, calib_images or 512) if precision == "int8" else None
-    try:
-        r = export_openvino(model, out, precision=precision, images=paths, head=head or "outputs",
-                            preset=preset or "mixed", overwrite=overwrite)
-    except OpenVinoMissing as e:
-        raise UserError(str(e)) from e
+    r = export_openvino(model, out, precision=precision, images=paths, head=head or "outputs",
+                        preset=preset or "mixed", overwrite=overwrite)
     from distillery.export.openvino import cpu_inference_precision
 
     ir = r["ir"]

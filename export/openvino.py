@@ -52,11 +52,12 @@ from pathlib import Path
 
 import yaml
 
+from distillery.engine.cli_errors import MissingExtra, install_hint
 from distillery.engine.filekinds import OPENVINO_FOLDER_HINT as FOLDER_HINT
 from distillery.engine.filekinds import OPENVINO_SUFFIX as SUFFIX
 from distillery.engine.filekinds import openvino_folder  # noqa: F401  (the export's folder check, re-exported)
 
-INSTALL_HINT = "pip install 'distillery[openvino]'"
+INSTALL_HINT = install_hint("openvino")
 #: NNCF presets: ``mixed`` (symmetric weights, asymmetric activations: suits SiLU outputs, which
 #: are not centred on 0) and ``performance`` (both symmetric).
 PRESETS = ("mixed", "performance")
@@ -73,7 +74,7 @@ _INT_KEYS = ("stride", "batch", "channels")
 _LITERAL_KEYS = ("imgsz", "names", "args", "end2end", "kpt_shape", "kpt_names")
 
 
-class OpenVinoMissing(ImportError):
+class OpenVinoMissing(MissingExtra):
     """``openvino`` (or, for INT8, ``nncf``) is not installed; the message says what to install."""
 
 

@@ -24,6 +24,7 @@ from typing import Annotated
 
 from pydantic import ConfigDict, Field
 
+from distillery.engine.cli_errors import MissingExtra, install_hint
 from distillery.engine.config import ConfigError, load_yaml
 from distillery.engine.schema import StrictConfig, validate_config
 
@@ -81,7 +82,8 @@ def runtime_info() -> dict:
     """This machine's TensorRT version and GPU (name, compute capability ``"8.7"``).
 
     Raises:
-        RuntimeError: no CUDA GPU, or ``tensorrt`` not installed.
+        RuntimeError: no CUDA GPU.
+        distillery.engine.cli_errors.MissingExtra: ``tensorrt`` not installed.
     """
     import torch
 
@@ -90,7 +92,7 @@ def runtime_info() -> dict:
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise RuntimeError("tensorrt is not installed: pip install -e '.[tensorrt]' on the GPU machine") from e
+        raise MissingExtra(f"tensorrt is not installed; on the GPU machine: {install_hint('tensorrt')}") from e
     major, minor = torch.cuda.get_device_capability(0)
     return {"tensorrt_version": trt.__version__, "gpu_name": torch.cuda.get_device_name(0),
             "compute_capability": f"{major}.{minor}"}

@@ -139,7 +139,7 @@ def eval_cmd(model_path, images_dir, store, labelset, gt_path, out, imgsz, conf,
 
             if importlib.util.find_spec("openvino") is None:  # ultralytics would try to pip-install it
                 raise UserError(f"--model {model_path} is an OpenVINO model folder and the openvino "
-                                           "package is not installed: pip install 'distillery[openvino]'")
+                                f"package is not installed: {install_hint('openvino')}")
         from ultralytics import YOLO
 
         names = list(YOLO(model_path, task="segment").names.values())

@@ -312,6 +312,19 @@ def test_missing_extra_names_the_install_command(exported, tmp_path, monkeypatch
     assert not any(tmp_path.iterdir())
 
 
+def test_check_without_the_extra_says_what_to_install(exported, ov_models, tmp_path, monkeypatch, coco128):
+    """`export check --openvino` without openvino installed: one line naming the extra (it was a
+    traceback), before any model is scored."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    r = CliRunner().invoke(main, ["export", "check", "--onnx", str(exported), "--openvino", str(ov_models["fp32"]["path"]),
+                                  "--gt", str(coco128 / "annotations.json"), "--images", str(coco128 / "images"),
+                                  "--limit", "2"])
+    _one_error_line(r, "OpenVINO export needs the openvino package (not installed): pip install 'distillery[openvino]'")
+    assert "whl[openvino]" in r.output
+
+
 def test_eval_takes_the_openvino_folder_and_scores_it_like_the_onnx(student, exported, ov_models, coco128, tmp_path,
                                                                      openvino_f32):
     """`distillery eval --model NAME_openvino_model/` runs through ultralytics' OpenVINO backend:
