@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from distillery.export.check import missed_targets
+
 pytestmark = pytest.mark.slow
 
 
@@ -352,8 +354,29 @@ def test_cli_export_onnx_int8_check(student, tmp_path, coco128):
     assert rep["images"] == 8 and set(rep["models"]) == {"fp32", "int8"} and set(rep["vs_fp32"]) == {"int8"}
     assert rep["vs_fp32"]["int8"]["agreement"]["segm_map50"] is not None and rep["reference"]["detections"] >= 30
     assert rep["models"]["int8"]["latency_ms"] > 0 and rep["imgsz"] == 320
+    v = rep["vs_fp32"]["int8"]  # the row's verdict is the report's own numbers against the targets
+    assert v["missed_targets"] == missed_targets("int8", v)
+    row = next(line for line in r.output.splitlines() if line.startswith("ORT INT8"))
+    assert row.endswith("missed: " + ", ".join(v["missed_targets"]) if v["missed_targets"] else "met"), row
+    assert "Average Precision" not in r.output  # pycocotools' summaries stay out of the table
     r = run(main, ["export", "onnx", "--model", str(pt), "--imgsz", "300", "--out", str(tmp_path / "y.onnx")])
     assert r.exit_code != 0 and "multiple of 32" in r.output
+
+
+def test_missed_targets_judges_each_target_at_its_limit():
+    """Drop above 1 point, agreement below 0.9 and, for the INT8 models only, a speed-up below
+    their floors (1.5x ORT INT8, 2x OpenVINO INT8) are missed; at the limits they are met; no
+    agreement (no reference detections) is not judged."""
+    def vs(drop=0.0, agree=0.95, speed=3.0):
+        return {"mask_map_drop_points": drop, "agreement": {"bbox_map50": agree, "segm_map50": agree}, "speedup": speed}
+
+    assert missed_targets("int8", vs(1.0, 0.9, 1.5)) == []
+    assert missed_targets("int8", vs(1.01, 0.95, 3.0)) == ["mask drop"]
+    assert missed_targets("int8", vs(0.0, 0.899, 3.0)) == ["agreement"]
+    assert missed_targets("int8", vs(0.0, None, 1.49)) == ["speed-up"]
+    assert missed_targets("openvino-int8", vs(2.0, 0.5, 1.9)) == ["mask drop", "agreement", "speed-up"]
+    assert missed_targets("openvino-int8", vs(0.0, 0.95, 2.0)) == []
+    assert missed_targets("openvino-fp32", vs(0.0, 0.95, 0.5)) == []  # no speed-up target for FP32
 
 
 def test_agreement_reference_scores_identical_predictions_as_perfect(student):
