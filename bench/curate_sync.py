@@ -152,7 +152,7 @@ def main() -> None:
             wall, cpu, samples = clock.time(samples_of)
             keep("build", wall, cpu)
             plain_ds = fo.Dataset(fresh())
-            keep("plain", *clock.time(lambda: plain_ds.add_samples(samples, progress=False, dynamic=True))[:2])
+            keep("plain", *clock.time(lambda smp=samples: plain_ds.add_samples(smp, progress=False, dynamic=True))[:2])
             del samples
             if r < args.repeat - 1:
                 drop(plain_ds.name)
@@ -172,7 +172,8 @@ def main() -> None:
         for r in range(args.repeat):  # the same new images added to the N-image datasets, then taken out again
             wall, cpu, samples = clock.time(lambda: samples_of(new_paths))
             keep("build_incr", wall, cpu)
-            keep("plain_incr", *clock.time(lambda: plain_ds.add_samples(samples, progress=False, dynamic=True))[:2])
+            keep("plain_incr", *clock.time(lambda smp=samples: plain_ds.add_samples(smp, progress=False,
+                                                                                          dynamic=True))[:2])
             del samples
             wall, cpu, s = clock.time(lambda: sync(ls, name, cfg, progress=False))
             if not (s.added == args.new and s.unchanged == args.n):

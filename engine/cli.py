@@ -79,7 +79,7 @@ def configs_show(name, kind) -> None:
       distillery configs show jetson-orin-nx
       distillery configs show default --kind rules
     """
-    from distillery.engine.config import CONFIG_KINDS, shipped_configs
+    from distillery.engine.config import shipped_configs
 
     found = [(k, names[name]) for k, names in shipped_configs(kind).items() if name in names]
     if not found:

@@ -11,6 +11,7 @@ HWC -> CHW, ``/ 255`` to float32 in [0, 1]. Output: float32 ``(1, 3, imgsz, imgs
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -78,8 +79,15 @@ def export_onnx(model: str | Path, out: str | Path, imgsz: int = 640, batch: int
         raise ValueError(f"--batch must be a positive integer or 'dynamic', got {batch!r}")
     yolo = YOLO(str(model), task="segment")
     head = f"/model.{len(yolo.model.model) - 1}/"
-    tmp = Path(yolo.export(format="onnx", imgsz=imgsz, dynamic=dynamic, batch=1 if dynamic else int(batch),
-                           simplify=True, opset=opset))
+    from ultralytics.utils import LOGGER
+
+    level = LOGGER.level  # its info lines name the .onnx beside the checkpoint, which is moved to `out` below
+    LOGGER.setLevel(logging.WARNING)
+    try:
+        tmp = Path(yolo.export(format="onnx", imgsz=imgsz, dynamic=dynamic, batch=1 if dynamic else int(batch),
+                               simplify=True, opset=opset))
+    finally:
+        LOGGER.setLevel(level)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(tmp), out)

@@ -53,7 +53,6 @@ from pathlib import Path
 import yaml
 
 from distillery.engine.cli_errors import MissingExtra, install_hint
-from distillery.engine.filekinds import OPENVINO_FOLDER_HINT as FOLDER_HINT
 from distillery.engine.filekinds import OPENVINO_SUFFIX as SUFFIX
 from distillery.engine.filekinds import openvino_folder  # noqa: F401  (the export's folder check, re-exported)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from distillery.engine.cli_errors import UserError, fail_cleanly
+from distillery.engine.cli_errors import UserError, fail_cleanly, install_hint
 from distillery.engine.cli_types import CocoJson, FloatRange, ImageFolder, Output, Store, StudentModel, TrainModel
 
 

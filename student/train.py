@@ -14,6 +14,7 @@ Checkpoints are plain ultralytics checkpoints (the criterion is not saved), load
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def train(store: str | Path, out: str | Path, model: str = "yolov8n-seg.yaml", l
         trainer = SoftSegmentationTrainer(overrides={"resume": str(last)})
         for event, fn in (callbacks or {}).items():
             trainer.add_callback(event, fn)
-        trainer.train()
+        _run(trainer)
         return out
     if last.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -205,5 +206,14 @@ def train(store: str | Path, out: str | Path, model: str = "yolov8n-seg.yaml", l
     trainer.add_callback("on_pretrain_routine_end", record)
     for event, fn in (callbacks or {}).items():
         trainer.add_callback(event, fn)
-    trainer.train()
+    _run(trainer)
     return Path(trainer.save_dir)
+
+
+def _run(trainer) -> None:
+    """``trainer.train()`` without Ray's warning that ``get_trial_id`` is called outside Ray
+    Tune: ultralytics' raytune callback asks it every epoch to learn whether it runs in a Tune
+    trial (it does not here; the answer, None, is right)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`get_trial_id` is meant to only be")
+        trainer.train()

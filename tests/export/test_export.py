@@ -4,7 +4,6 @@ preprocessing, engine manifests and device profiles (TensorRT itself only on a G
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -313,8 +313,8 @@ def test_missing_extra_names_the_install_command(exported, tmp_path, monkeypatch
 
 
 def test_check_without_the_extra_says_what_to_install(exported, ov_models, tmp_path, monkeypatch, coco128):
-    """`export check --openvino` without openvino installed: one line naming the extra (it was a
-    traceback), before any model is scored."""
+    """`export check --openvino` and `eval --model FOLDER` without openvino installed: one line
+    naming the extra (check printed a traceback), before any model is scored."""
     import sys
 
     monkeypatch.setitem(sys.modules, "openvino", None)
@@ -323,6 +323,11 @@ def test_check_without_the_extra_says_what_to_install(exported, ov_models, tmp_p
                                   "--limit", "2"])
     _one_error_line(r, "OpenVINO export needs the openvino package (not installed): pip install 'distillery[openvino]'")
     assert "whl[openvino]" in r.output
+    r = CliRunner().invoke(main, ["eval", "--model", str(ov_models["fp32"]["path"]), "--gt",
+                                  str(coco128 / "annotations.json"), "--images", str(coco128 / "images"),
+                                  "--out", str(tmp_path / "report")])
+    _one_error_line(r, "is an OpenVINO model folder and the openvino package is not installed",
+                    "pip install 'distillery[openvino]'")
 
 
 def test_eval_takes_the_openvino_folder_and_scores_it_like_the_onnx(student, exported, ov_models, coco128, tmp_path,
