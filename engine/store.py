@@ -104,9 +104,14 @@ def lock_or_refuse(path: Path, what: str):
 
     Raises:
         StoreError: another process holds it; the message names ``what`` and the holder's pid.
+            Also when ``path`` is a folder.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")  # not "w": that would erase the holder's pid before we know we lost
+    try:
+        f = open(path, "a+")  # not "w": that would erase the holder's pid before we know we lost
+    except IsADirectoryError as e:
+        raise StoreError(f"{path} is a folder, but it is {what}'s lock file: move the folder away, then "
+                         "rerun") from e
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
@@ -141,6 +146,23 @@ class LabelSetCounts:
     error_records: list = field(default_factory=list)
 
 
+def manifest_shape_problem(manifest: dict) -> str | None:
+    """What is wrong with the types of a label-set manifest's ``ontology`` and ``shards``
+    (None: nothing): ``ontology`` must be an object whose ``classes`` is a list of strings;
+    ``shards``, when present and not null, an object mapping shard file names to row counts
+    (integers >= 0). Values within those types (empty or repeated classes, counts that
+    disagree with the files) are :mod:`distillery.engine.verify`'s to report."""
+    onto = manifest.get("ontology")
+    if not isinstance(onto, dict) or not isinstance(onto.get("classes"), list) \
+            or not all(isinstance(c, str) for c in onto["classes"]):
+        return f"'ontology' must be an object with a 'classes' list of class names, got {onto!r:.80}"
+    shards = manifest.get("shards")
+    if shards is not None and not (isinstance(shards, dict) and all(
+            isinstance(k, str) and type(v) is int and v >= 0 for k, v in shards.items())):
+        return f"'shards' must map shard file names to row counts (integers >= 0), got {shards!r:.80}"
+    return None
+
+
 class LabelSet:
     """One label set directory. Obtain it from :class:`LabelStore`."""
 
@@ -152,6 +174,9 @@ class LabelSet:
             self.manifest = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
             raise StoreError(f"{self.root}: no manifest.json; not a label set") from e
+        except OSError as e:  # a folder named manifest.json, no read permission...
+            raise StoreError(f"{path} cannot be read ({e.strerror}); restore the file from a backup, or move the "
+                             f"folder {self.root} out of the store to use its other label sets") from e
         except (UnicodeDecodeError, ValueError) as e:
             raise StoreError(f"{path} is damaged ({e}); restore it from a backup, or move the folder "
                              f"{self.root} out of the store to use its other label sets") from e
@@ -163,6 +188,10 @@ class LabelSet:
                 f"{self.root}: schema version {self.manifest.get('schema_version')} != {SCHEMA_VERSION} of this "
                 "distillery; relabel or use the matching distillery version"
             )
+        problem = manifest_shape_problem(self.manifest)
+        if problem:
+            raise StoreError(f"{path} is damaged: {problem}; restore it from a backup, or move {self.root} out of "
+                             "the store")
 
     @property
     def id(self) -> str:
@@ -424,12 +453,16 @@ class LabelStore:
         set is refused (scripts may use the old one): rename it with :meth:`rename`.
 
         Raises:
-            ValueError: ``name`` breaks the rules of :func:`distillery.engine.names.check_name`.
+            ValueError: ``name`` breaks the rules of :func:`distillery.engine.names.check_name`,
+                or ``spec`` has no valid ``ontology`` (:func:`manifest_shape_problem`).
             StoreError: ``name`` belongs to another label set of this store (both ids named),
                 or this label set already has another name.
         """
         if name is not None:
             check_name(name, ID_PREFIX)
+        problem = manifest_shape_problem(spec)
+        if problem:
+            raise ValueError(f"label-set spec: {problem}")
         ls_id = fingerprint(spec)
         root = self.labelsets_dir / ls_id
         with self._naming_lock():

@@ -5,7 +5,7 @@ writing is reported, not read half-written):
 
 - the manifest: readable, its ``labelset_id`` is its folder's name, classes are unique
   strings, its name follows the naming rules and is unique in the store;
-- every shard: a readable Parquet file whose schema is :data:`ROW_SCHEMA`, with the row
+- every shard: a readable Parquet file (the ``PAR1`` magic bytes at both ends) whose schema is :data:`ROW_SCHEMA`, with the row
   count the manifest's ``shards`` map records; a shard on disk that the map lacks, or one the
   map lists that is gone;
 - no image labelled twice: a labelled row of a path that another shard labels too (a copied
@@ -16,7 +16,8 @@ writing is reported, not read half-written):
 - every curation version: readable, schema :data:`CURATION_SCHEMA`, known decisions,
   unique keys, image ids that exist in the label set;
 - orphaned temporary files (``shards/.tmp-*``, ``curation/.tmp-*``, ``.manifest.json.tmp``),
-  left by a write that was interrupted. ``repair=True`` removes them and nothing else.
+  left by a write that was interrupted. ``repair=True`` removes them and nothing else (a
+  folder of such a name is reported, never removed).
 
 Each problem is one line: ``PATH: what is wrong; what to do``.
 """
@@ -43,6 +44,9 @@ class VerifyReport:
 
     problems: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    #: what could not be checked, without being a problem (e.g. row counts of a label set
+    #: written before the manifest recorded them)
+    notes: list[str] = field(default_factory=list)
     labelsets: int = 0
     shards: int = 0
     rows: int = 0
@@ -122,6 +126,11 @@ def rle_problem(rle: dict, height: int, width: int) -> str | None:
     return None
 
 
+#: First (and last) 4 bytes of every Parquet file (Apache Parquet format specification, "File
+#: Format").
+PARQUET_MAGIC = b"PAR1"
+
+
 def _orphans(ls: LabelSet) -> list[Path]:
     found = sorted(ls.shard_dir.glob(".tmp-*")) if ls.shard_dir.is_dir() else []
     found += sorted(ls.curation_dir.glob(".tmp-*")) if ls.curation_dir.is_dir() else []
@@ -140,9 +149,19 @@ def _check_shards(ls: LabelSet, rep: VerifyReport) -> set[str] | None:
     same_bytes: list[tuple[str, str, str]] = []
     complete = True
     on_disk = ls.shards()
+    if recorded is None and on_disk:
+        rep.notes.append(f"{ls.root / 'manifest.json'}: no shard row counts recorded (a label set written before "
+                         "the manifest recorded them): row counts not checked; the next `distillery label` run on "
+                         "this label set records them")
     for p in on_disk:
         rep.shards += 1
         try:
+            with open(p, "rb") as f:
+                head = f.read(4)
+            if head != PARQUET_MAGIC:  # pyarrow reads the footer only, so a damaged header passes it
+                rep.problems.append(f"{p}: does not start with Parquet's magic bytes {PARQUET_MAGIC!r} (got {head!r}): "
+                                    "the file's header is damaged; restore the shard from a backup, or move it out "
+                                    "of the store and rerun `distillery label` to relabel its images")
             t = pq.read_table(p)
         except (OSError, pa.ArrowInvalid) as e:
             rep.problems.append(f"{p}: unreadable Parquet ({e}); restore the shard from a backup, or move it out "
@@ -279,6 +298,10 @@ def verify_store(store: str | Path, labelset: str | None = None, repair: bool = 
             ids = _check_shards(ls, rep)
             _check_curation(ls, ids, rep)
             for p in _orphans(ls):
+                if p.is_dir() and not p.is_symlink():  # no write makes one: not removed, whatever its name
+                    rep.problems.append(f"{p}: a folder with a temporary file's name (no distillery write makes one); "
+                                        "look inside, then move or delete it by hand")
+                    continue
                 if not repair:
                     rep.problems.append(f"{p}: orphaned temporary file ({p.stat().st_size} bytes) left by an "
                                         "interrupted write; `distillery labels verify --repair` removes it")

@@ -303,6 +303,8 @@ def labels_verify(store, labelset, repair):
         click.echo(f"removed {p}")
     for p in rep.problems:
         click.echo(p)
+    for n in rep.notes:
+        click.echo(f"note: {n}")
     click.echo(f"checked {rep.labelsets} label set(s), {rep.shards} shard(s), {rep.rows} rows, {rep.masks} masks, "
                f"{rep.curation_versions} curation version(s): {len(rep.problems) or 'no'} problem(s)")
     if rep.problems:

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from distillery.engine.cli import main
 from distillery.engine.record import ROW_SCHEMA
-from distillery.engine.store import LabelStore
+from distillery.engine.store import LabelStore, StoreError
 from distillery.labeling.ontology import Ontology
 from distillery.labeling.teachers import TeacherPreset, labelset_spec
 from tests.engine.conftest import writer_held_by_another_process
@@ -382,3 +382,77 @@ def test_verify_reports_a_copied_shard_and_an_image_labelled_twice(tmp_path):
     assert out.exit_code == 1
     assert (f"{second}: img2.jpg is labelled but has the same bytes as img0.jpg, labelled too (the writer stores such "
             "a file as a duplicate error); restore the shard from a backup") in out.output.splitlines()
+
+
+def test_verify_names_a_manifest_of_the_wrong_shape_a_damaged_header_and_a_folder_where_a_file_belongs(tmp_path):
+    """Each is one line naming the file, exit 1, never a traceback: a manifest without
+    ``ontology`` (a KeyError), with a string for it (an AttributeError), with a list for
+    ``shards``; a shard whose ``PAR1`` header bytes are overwritten (pyarrow reads only the
+    footer, so it read the rows fine); a folder named like a temp file (``--repair`` leaves it
+    and still removes the real orphans); a folder where the manifest or lock file belongs. A
+    manifest without shard counts passes, with a note that they went unchecked."""
+    import json
+
+    def store(kind):
+        root = _store_with_labels(tmp_path / kind)
+        (ls,) = LabelStore(root).labelsets()
+        return root, ls
+
+    for change, says in [(lambda m: m.pop("ontology"), "'ontology' must be an object with a 'classes' list"),
+                         (lambda m: m.__setitem__("ontology", "x"), "'ontology' must be an object with a 'classes' list"),
+                         (lambda m: m.__setitem__("shards", list(m["shards"])), "'shards' must map shard file names"),
+                         (lambda m: m["shards"].__setitem__(next(iter(m["shards"])), "2"), "'shards' must map")]:
+        root, ls = store("manifest")
+        path = ls.root / "manifest.json"
+        m = json.loads(path.read_text())
+        change(m)
+        path.write_text(json.dumps(m))
+        out = verify(root)
+        assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+        assert out.output.splitlines()[0].startswith(f"{path} is damaged: {says}"), out.output
+        with pytest.raises(StoreError, match="is damaged"):  # every other command says so too
+            LabelStore(root).open("v")
+        shutil.rmtree(root)
+
+    root, ls = store("magic")
+    first = ls.shards()[0]
+    data = bytearray(first.read_bytes())
+    data[:4] = b"XXXX"
+    first.write_bytes(bytes(data))
+    assert pq.read_table(first).num_rows == 2  # what verify used to rely on
+    out = verify(root)
+    assert out.exit_code == 1
+    assert out.output.splitlines()[0].startswith(f"{first}: does not start with Parquet's magic bytes b'PAR1' "
+                                                 "(got b'XXXX')"), out.output
+
+    root, ls = store("tmpdir")
+    folder = ls.shard_dir / ".tmp-dir"
+    folder.mkdir()
+    orphan = ls.shard_dir / ".tmp-00000000000000000009-cafe.parquet"
+    orphan.write_bytes(b"x")
+    out = verify(root, "--repair")
+    assert out.exit_code == 1 and "Traceback" not in out.output, out.output
+    assert f"removed {orphan}" in out.output.splitlines() and not orphan.exists() and folder.is_dir()
+    assert any(x.startswith(f"{folder}: a folder with a temporary file's name") for x in out.output.splitlines())
+
+    root, ls = store("lockdir")
+    (ls.root / ".lock").unlink(missing_ok=True)
+    (ls.root / ".lock").mkdir()
+    out = verify(root)
+    assert out.exit_code == 1 and f"{ls.root / '.lock'} is a folder, but it is label set {ls.id}'s lock file" \
+        in out.output, out.output
+
+    root, ls = store("manifestdir")
+    path = ls.root / "manifest.json"
+    path.unlink()
+    path.mkdir()
+    out = verify(root)
+    assert out.exit_code == 1 and out.output.splitlines()[0].startswith(f"{path} cannot be read (Is a directory)")
+
+    root, ls = store("nocounts")
+    ls.update_manifest(lambda m: m.pop("shards"))
+    out = verify(root)
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines()[0] == (f"note: {ls.root / 'manifest.json'}: no shard row counts recorded (a label "
+                                          "set written before the manifest recorded them): row counts not checked; "
+                                          "the next `distillery label` run on this label set records them")

@@ -152,7 +152,7 @@ def test_local_job_summary_says_where_the_time_went(coco128, tmp_path):
     from distillery.engine.store import LabelStore
 
     paths = [str(p) for p in sorted((coco128 / "images").glob("*.jpg"))[:3]] + [str(tmp_path / "missing.jpg")]
-    ls = LabelStore(tmp_path / "store").create({"kind": "test"})
+    ls = LabelStore(tmp_path / "store").create({"kind": "test", "ontology": {"classes": ["a"]}})
     lines = []
     s = run_label_job(paths, ls, [StageSpec(PassStage, {}, batch_size=3, name="pass"),
                                   StageSpec(EmptyLabels, {}, batch_size=2)], runner="auto", progress=False,
