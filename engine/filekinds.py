@@ -394,10 +394,15 @@ OPENVINO_SUFFIX = "_openvino_model"
 OPENVINO_FOLDER_HINT = "give the folder written by `distillery export openvino` (NAME_openvino_model/)"
 
 
+def one_line(e: BaseException) -> str:
+    """``str(e)`` on one line (a YAML or XML parser's message spans several)."""
+    return " ".join(str(e).split())
+
+
 def openvino_folder(path: str | os.PathLike, name: str = "") -> Path:
     """The ``*.xml`` of the OpenVINO segmentation student in folder ``path``, checked without
     importing OpenVINO: the name ends in ``_openvino_model``, one ``*.xml`` with its ``.bin``,
-    a ``metadata.yaml`` mapping with ``task: segment`` and ``names``.
+    the ``.xml`` well-formed XML whose root is ``<net>`` (the IR format), a ``metadata.yaml`` mapping with ``task: segment`` and ``names``.
 
     Raises:
         FileKindError: naming the folder, what it is, and the fix.
@@ -417,13 +422,25 @@ def openvino_folder(path: str | os.PathLike, name: str = "") -> Path:
     if not xmls[0].with_suffix(".bin").is_file():
         raise FileKindError(f"{what}: {xmls[0].name} has no {xmls[0].with_suffix('.bin').name} beside it; "
                             f"{OPENVINO_FOLDER_HINT}")
+    import xml.etree.ElementTree as ET
+
     import yaml
 
+    try:  # parsed here: OpenVINO's own error on a damaged IR is a traceback from inside ultralytics
+        root_tag = None
+        for _, el in ET.iterparse(xmls[0], events=("start",)):  # the whole file: a cut-off one fails at its end
+            root_tag = root_tag or el.tag
+    except (OSError, ET.ParseError) as e:
+        raise FileKindError(f"{what}: {xmls[0].name} cannot be read as XML ({one_line(e)}); the IR is damaged: "
+                            f"export it again. {OPENVINO_FOLDER_HINT}") from e
+    if root_tag != "net":
+        raise FileKindError(f"{what}: {xmls[0].name} is XML but not an OpenVINO IR (root <{root_tag}>, not <net>); "
+                            f"{OPENVINO_FOLDER_HINT}")
     meta_path = p / "metadata.yaml"
     try:
         meta = yaml.safe_load(meta_path.read_text()) if meta_path.is_file() else None
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise FileKindError(f"{what}: metadata.yaml cannot be read ({e}); {OPENVINO_FOLDER_HINT}") from e
+        raise FileKindError(f"{what}: metadata.yaml cannot be read ({one_line(e)}); {OPENVINO_FOLDER_HINT}") from e
     if not isinstance(meta, dict) or meta.get("task") != "segment" or "names" not in meta:
         got = "no metadata.yaml" if meta is None else f"task {meta.get('task')}" if isinstance(meta, dict) else \
             "a metadata.yaml that is not a mapping"

@@ -298,6 +298,20 @@ def test_bad_input_is_refused_in_one_line(student, exported, ov_models, tmp_path
     shutil.copytree(existing, renamed)
     _one_error_line(run("export", "check", "--openvino", renamed, "--gt", d / "gt.json", "--images", coco128 / "images"),
                     "does not end in _openvino_model")
+    cut = tmp_path / "cut_openvino_model"  # a damaged IR: OpenVINO's own error was a traceback from ultralytics
+    shutil.copytree(existing, cut)
+    xml = next(cut.glob("*.xml"))
+    xml.write_bytes(xml.read_bytes()[:1000])
+    _one_error_line(run("export", "check", "--openvino", cut, "--gt", d / "gt.json", "--images", coco128 / "images"),
+                    f"{xml.name} cannot be read as XML (", "the IR is damaged")
+    xml.write_text("<html><body/></html>")
+    _one_error_line(run("export", "check", "--openvino", cut, "--gt", d / "gt.json", "--images", coco128 / "images"),
+                    "is XML but not an OpenVINO IR (root <html>, not <net>)")
+    shutil.copy(next(existing.glob("*.xml")), xml)
+    (cut / "metadata.yaml").write_text("task: segment\nnames: [a, b\n")  # the YAML parser's message spans lines
+    r = run("export", "check", "--openvino", cut, "--gt", d / "gt.json", "--images", coco128 / "images")
+    _one_error_line(r, "metadata.yaml cannot be read (")
+    assert len(r.output.strip().splitlines()) == 1, r.output
 
 
 def test_missing_extra_names_the_install_command(exported, tmp_path, monkeypatch):
