@@ -45,6 +45,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from distillery.engine.images import content_id  # noqa: E402
 from distillery.engine.record import LabelRecord  # noqa: E402
 from distillery.engine.store import LabelStore  # noqa: E402
+import bench_args as ba  # bench/ is on sys.path (the script's folder)  # noqa: E402
 
 W, H, C = 320, 240, 20
 
@@ -93,15 +94,11 @@ class Clock:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    def positive(text: str) -> int:
-        if not text.isdigit() or int(text) < 1:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-        return int(text)
 
-    ap.add_argument("--n", type=positive, default=1000, help="images in the first sync")
-    ap.add_argument("--new", type=positive, default=100, help="images added before the incremental sync")
-    ap.add_argument("--instances", type=positive, default=10)
-    ap.add_argument("--repeat", type=positive, default=3, help="runs of each measurement; the fastest counts")
+    ap.add_argument("--n", type=ba.positive, default=1000, help="images in the first sync")
+    ap.add_argument("--new", type=ba.positive, default=100, help="images added before the incremental sync")
+    ap.add_argument("--instances", type=ba.positive, default=10)
+    ap.add_argument("--repeat", type=ba.positive, default=3, help="runs of each measurement; the fastest counts")
     args = ap.parse_args()
     TMP = Path(tempfile.mkdtemp(prefix="curate-bench-"))  # images, store and (by default) FiftyOne's database
     os.environ.setdefault("FIFTYONE_DATABASE_DIR", str(TMP / "db"))

@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from distillery.engine.images import decode  # noqa: E402
 from distillery.labeling.detector import GroundingDinoTeacher  # noqa: E402
 from distillery.labeling.ontology import Ontology, build_chunks  # noqa: E402
+import bench_args as ba  # bench/ is on sys.path (the script's folder)  # noqa: E402
 
 
 class FullSizeTeacher(GroundingDinoTeacher):
@@ -149,16 +150,16 @@ def run(name: str, teacher: GroundingDinoTeacher, batches, ks: list[int], repeat
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "coco128" / "images"))
-    ap.add_argument("--n", type=int, default=4, help="photos for the tiny teacher, one batch")
-    ap.add_argument("--chunks", default="1,2,4,8", help="prompt-chunk counts, comma-separated, ascending")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per measurement for the tiny teacher (best kept)")
+    ap.add_argument("--n", type=ba.positive, default=4, help="photos for the tiny teacher, one batch")
+    ap.add_argument("--chunks", type=ba.counts(), default="1,2,4,8", help="prompt-chunk counts, comma-separated, ascending")
+    ap.add_argument("--repeats", type=ba.positive, default=3, help="runs per measurement for the tiny teacher (best kept)")
     ap.add_argument("--full", action="store_true", help="also Grounding DINO-T at random weights")
-    ap.add_argument("--n-full", type=int, default=2, help="photos for the full-size model, one per batch")
-    ap.add_argument("--full-size", type=int, default=800,
+    ap.add_argument("--n-full", type=ba.positive, default=2, help="photos for the full-size model, one per batch")
+    ap.add_argument("--full-size", type=ba.at_least(32), default=800,
                     help="full-size model's shortest edge (longest = 1333/800 of it; 800 is the released preset)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    ks = [int(k) for k in args.chunks.split(",")]
+    ks = args.chunks
     paths = sorted(str(p) for p in Path(args.images).glob("*.jpg"))
     if len(paths) < max(args.n, args.n_full):
         raise SystemExit(f"--images {args.images}: {len(paths)} .jpg files, need {max(args.n, args.n_full)}")

@@ -38,6 +38,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+import bench_args as ba  # bench/ is on sys.path (the script's folder)
 
 ROOT = Path(__file__).resolve().parent.parent
 COCO128 = Path(os.environ.get("DISTILLERY_COCO128", ROOT.parent / "shared" / "data" / "coco128"))
@@ -102,16 +103,16 @@ def main() -> None:
     ap.add_argument("--data", default="shapes", choices=["shapes", "person16"],
                     help="what the student learns and is checked on (shapes: synthetic, learnable from scratch "
                          "in minutes; person16: 16 coco128 photos, GT of those same photos)")
-    ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: shapes 40, person16 150)")
-    ap.add_argument("--train-images", type=int, default=128, help="shapes: training images")
-    ap.add_argument("--train-imgsz", type=int, default=320, help="training input size (the check runs at it)")
-    ap.add_argument("--imgsz", type=int, default=640, help="latency input size")
-    ap.add_argument("--check-imgsz", type=int, default=None,
+    ap.add_argument("--epochs", type=ba.positive, default=None, help="training epochs (default: shapes 40, person16 150)")
+    ap.add_argument("--train-images", type=ba.positive, default=128, help="shapes: training images")
+    ap.add_argument("--train-imgsz", type=ba.imgsz, default=320, help="training input size (the check runs at it)")
+    ap.add_argument("--imgsz", type=ba.imgsz, default=640, help="latency input size")
+    ap.add_argument("--check-imgsz", type=ba.imgsz, default=None,
                     help="export check input size (default: the student's training imgsz, from its checkpoint)")
-    ap.add_argument("--calib", type=int, default=64, help="calibration images (shapes: training images; person16: coco128)")
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds over the 16 photos (median counts)")
+    ap.add_argument("--calib", type=ba.positive, default=64, help="calibration images (shapes: training images; person16: coco128)")
+    ap.add_argument("--rounds", type=ba.positive, default=5, help="timed rounds over the 16 photos (median counts)")
     ap.add_argument("--method", default="minmax", help="ORT INT8 calibration method (export int8 --method)")
-    ap.add_argument("--threads", type=int, default=0, help="threads of every runtime (0: each one's default, all cores)")
+    ap.add_argument("--threads", type=ba.non_negative, default=0, help="threads of every runtime (0: each one's default, all cores)")
     ap.add_argument("--ov-head", default="outputs", choices=["fp32", "outputs", "int8"], help="OpenVINO INT8 --head")
     ap.add_argument("--ov-preset", default="mixed", choices=["mixed", "performance"], help="OpenVINO INT8 NNCF preset")
     ap.add_argument("--skip-check", action="store_true", help="latency only, no export check")
@@ -119,6 +120,13 @@ def main() -> None:
     args.epochs = args.epochs or {"shapes": 40, "person16": 150}[args.data]
     if args.model is None and args.data == "shapes" and args.calib > args.train_images:
         ap.error(f"--calib {args.calib} is more than the {args.train_images} --train-images it draws from")
+    if args.model is not None:
+        from distillery.engine.filekinds import FileKindError, ultralytics_checkpoint
+
+        try:
+            args.model = ultralytics_checkpoint(args.model, "--model")
+        except FileKindError as e:
+            ap.error(str(e))
 
     import onnxruntime as ort
     import openvino as ov

@@ -21,6 +21,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+import bench_args as ba  # bench/ is on sys.path (the script's folder)
 
 ROOT = Path(__file__).resolve().parent.parent
 COCO128 = Path(os.environ.get("DISTILLERY_COCO128", ROOT.parent / "shared" / "data" / "coco128"))
@@ -42,15 +43,15 @@ def ap50(preset_path: Path, data) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=8, help="coco128 photos (the first N by file name)")
+    ap.add_argument("--n", type=ba.positive, default=8, help="coco128 photos (the first N by file name)")
     ap.add_argument("--teachers", default=None, help="teachers preset (default: tiny random teachers)")
-    ap.add_argument("--size", type=int, default=128, help="shortest edge, pixels (longest: 1.5x)")
+    ap.add_argument("--size", type=ba.at_least(32), default=128, help="shortest edge, pixels (longest: 1.5x)")
     ap.add_argument("--method", default="full", choices=["lora", "heads", "full"])
-    ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    ap.add_argument("--epochs", type=ba.positive, default=100)
+    ap.add_argument("--lr", type=ba.positive_float, default=1e-3)
+    ap.add_argument("--batch", type=ba.positive, default=2)
+    ap.add_argument("--rank", type=ba.positive, default=16)
+    ap.add_argument("--threads", type=ba.positive, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
     args = ap.parse_args()
 
     import torch

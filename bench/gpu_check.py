@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+import bench_args as ba  # bench/ is on sys.path (the script's folder)
 
 ROOT = Path(__file__).resolve().parent.parent
 COCO128 = Path(os.environ.get("DISTILLERY_COCO128", ROOT.parent / "shared" / "data" / "coco128"))
@@ -310,18 +311,18 @@ def finetune_section(teachers: Path, work: Path, args, device: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="label,tensorrt,finetune")
-    ap.add_argument("--images", type=int, default=128, help="coco128 photos per labelling run")
+    ap.add_argument("--images", type=ba.positive, default=128, help="coco128 photos per labelling run")
     ap.add_argument("--batches", default="1,8", help="preset batch sizes to sweep")
-    ap.add_argument("--block", type=int, default=8, help="images per decode block (run_label_job decode_batch_size)")
+    ap.add_argument("--block", type=ba.positive, default=8, help="images per decode block (run_label_job decode_batch_size)")
     ap.add_argument("--precisions", default="fp16,bf16")
     ap.add_argument("--label-kinds", default="default,sam2,sam3",
                     help="label runs: default (GD-T + SAM ViT-B, every precision and batch), sam2 (GD-T + SAM 2), "
                          "sam3 (SAM 3 alone); the last two at the first precision and last batch")
     ap.add_argument("--runner", default="ray", choices=["ray", "local"])
-    ap.add_argument("--trt-imgsz", type=int, default=640)
-    ap.add_argument("--rounds", type=int, default=5, help="latency rounds over 16 photos")
-    ap.add_argument("--ft-batch", type=int, default=4)
-    ap.add_argument("--ft-steps", type=int, default=5)
+    ap.add_argument("--trt-imgsz", type=ba.imgsz, default=640)
+    ap.add_argument("--rounds", type=ba.positive, default=5, help="latency rounds over 16 photos")
+    ap.add_argument("--ft-batch", type=ba.positive, default=4)
+    ap.add_argument("--ft-steps", type=ba.positive, default=5)
     ap.add_argument("--smoke", action="store_true",
                     help="on a CPU: tiny teachers, fp32, 4 images, local runner, no TensorRT (checks the code paths)")
     args = ap.parse_args()

@@ -41,6 +41,7 @@ from distillery.labeling.ontology import Ontology  # noqa: E402
 from distillery.labeling.segmenter import SamTeacher  # noqa: E402
 from distillery.labeling.teachers import SegmentStage, TeacherPreset, labelset_spec, teacher_stages  # noqa: E402
 from distillery.labeling.tiny import write_tiny_teachers  # noqa: E402
+import bench_args as ba  # bench/ is on sys.path (the script's folder)  # noqa: E402
 
 MB = 1 << 20
 
@@ -122,10 +123,10 @@ def rss(pid: int) -> int | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--every", type=int, default=1_000)
+    ap.add_argument("--n", type=ba.positive, default=10_000)
+    ap.add_argument("--every", type=ba.positive, default=1_000)
     ap.add_argument("--runner", choices=["ray", "local"], default="ray")
-    ap.add_argument("--threads", type=int, default=1,
+    ap.add_argument("--threads", type=ba.positive, default=1,
                     help="torch threads in this process (--runner local; the actors get the job's)")
     args = ap.parse_args()
     import torch

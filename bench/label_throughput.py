@@ -64,6 +64,7 @@ from distillery.engine.store import LabelStore  # noqa: E402
 from distillery.labeling.kinds import build_detector, build_grounded, build_segmenter  # noqa: E402
 from distillery.labeling.ontology import Ontology  # noqa: E402
 from distillery.labeling.teachers import TeacherPreset, labelset_spec, teacher_stages  # noqa: E402
+import bench_args as ba  # bench/ is on sys.path (the script's folder)  # noqa: E402
 
 DEFAULT_THREADS = __import__("torch").get_num_threads()  # torch's default: what a user's loop runs with
 
@@ -147,25 +148,28 @@ def best(runs: list[dict[str, float]]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "coco128" / "images"))
-    ap.add_argument("--n", type=int, default=24, help="images for the tiny teachers")
+    ap.add_argument("--n", type=ba.positive, default=24, help="images for the tiny teachers")
     ap.add_argument("--full", action="store_true", help="also full-size architectures at random weights")
-    ap.add_argument("--n-full", type=int, default=4)
+    ap.add_argument("--n-full", type=ba.positive, default=4)
     ap.add_argument("--no-tiny", action="store_true", help="only the full-size teachers (with --full)")
-    ap.add_argument("--runner", default="ray", help="comma-separated: ray, local, auto (what `label` picks)")
-    ap.add_argument("--segment-actors", type=int, default=None, help="segmenter actors (default: the preset's, 1)")
-    ap.add_argument("--rounds", type=int, default=2, help="loop rounds, before and after the jobs; best kept")
-    ap.add_argument("--classes", type=int, default=80, help="the first N of the 80 COCO classes (default all)")
+    ap.add_argument("--runner", type=ba.names(("ray", "local", "auto")), default="ray", help="comma-separated: ray, local, auto (what `label` picks)")
+    ap.add_argument("--segment-actors", type=ba.positive, default=None, help="segmenter actors (default: the preset's, 1)")
+    ap.add_argument("--rounds", type=ba.positive, default=2, help="loop rounds, before and after the jobs; best kept")
+    ap.add_argument("--classes", type=ba.at_least(1, 80), default=80, help="the first N of the 80 COCO classes (default all)")
     ap.add_argument("--kind", action="append", default=None, metavar="DET+SEG|TEACHER",
                     help="teacher combination (repeatable), e.g. owlv2+sam2; default grounding-dino+sam")
     args = ap.parse_args()
+    all_paths = sorted(str(p) for p in Path(args.images).glob("*.jpg"))
+    need = max(0 if args.no_tiny else args.n, args.n_full if args.full else 0)
+    if len(all_paths) < need:
+        ap.error(f"--images {args.images}: {len(all_paths)} .jpg files, {need} needed (--n / --n-full)")
     import torch
     import yaml
 
     onto = Ontology.load(resolve_config("ontology", "coco80"))
     if args.classes < len(onto.classes):  # the first N COCO classes (SAM 3 runs one pass per class)
         onto = Ontology.from_classes(list(onto.classes[: args.classes]))
-    all_paths = sorted(str(p) for p in Path(args.images).glob("*.jpg"))
-    runners = args.runner.split(",")
+    runners = args.runner
     combos = args.kind or ["grounding-dino+sam"]
     table = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,6 +36,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+import bench_args as ba  # bench/ is on sys.path (the script's folder)
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -178,11 +179,11 @@ def epoch_seconds(store_root: Path, ls_id: str, val_id: str, out: Path, dataset_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=8, help="coco128 photos")
-    ap.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is dropped)")
-    ap.add_argument("--legacy-epochs", type=int, default=1, help="epochs of the slow before-run (0: skip it)")
-    ap.add_argument("--imgsz", type=int, default=160)
-    ap.add_argument("--workers", type=int, default=0, help="dataloader workers (0: loading counts in full)")
+    ap.add_argument("--n", type=ba.positive, default=8, help="coco128 photos")
+    ap.add_argument("--epochs", type=ba.at_least(2), default=3, help="epochs per run (the first is dropped)")
+    ap.add_argument("--legacy-epochs", type=ba.non_negative, default=1, help="epochs of the slow before-run (0: skip it)")
+    ap.add_argument("--imgsz", type=ba.imgsz, default=160)
+    ap.add_argument("--workers", type=ba.non_negative, default=0, help="dataloader workers (0: loading counts in full)")
     args = ap.parse_args()
 
     from distillery.engine.store import LabelStore

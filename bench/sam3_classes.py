@@ -31,6 +31,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+import bench_args as ba  # bench/ is on sys.path (the script's folder)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -98,11 +99,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="tiny,full")
     ap.add_argument("--classes", default="1,2,4,8,16", help="class counts (at most 16)")
-    ap.add_argument("--photos", type=int, default=2, help="coco128 photos in the batch")
-    ap.add_argument("--rounds", type=int, default=1, help="timed calls per class count; the best is kept")
+    ap.add_argument("--photos", type=ba.positive, default=2, help="coco128 photos in the batch")
+    ap.add_argument("--rounds", type=ba.positive, default=1, help="timed calls per class count; the best is kept")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--threads", type=ba.non_negative, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
     import torch
 

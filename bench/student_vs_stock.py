@@ -25,6 +25,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+import bench_args as ba  # bench/ is on sys.path (the script's folder)
 
 ROOT = Path(__file__).resolve().parent.parent
 COCO128 = Path(os.environ.get("DISTILLERY_COCO128", ROOT.parent / "shared" / "data" / "coco128"))
@@ -45,9 +46,9 @@ def person_subset(n: int, out: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--epochs", type=int, default=150)
-    ap.add_argument("--imgsz", type=int, default=320)
+    ap.add_argument("--n", type=ba.positive, default=16)
+    ap.add_argument("--epochs", type=ba.positive, default=150)
+    ap.add_argument("--imgsz", type=ba.imgsz, default=320)
     ap.add_argument("--out", type=Path, default=None, help="work directory (default: a temporary one)")
     args = ap.parse_args()
 

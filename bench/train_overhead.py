@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+import bench_args as ba  # bench/ is on sys.path (the script's folder)
 
 ROOT = Path(__file__).resolve().parent.parent
 COCO128 = Path(os.environ.get("DISTILLERY_COCO128", ROOT.parent / "shared" / "data" / "coco128"))
@@ -28,10 +29,10 @@ COCO128 = Path(os.environ.get("DISTILLERY_COCO128", ROOT.parent / "shared" / "da
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--imgsz", type=int, default=320)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--n", type=ba.positive, default=32)
+    ap.add_argument("--epochs", type=ba.positive, default=3)
+    ap.add_argument("--imgsz", type=ba.imgsz, default=320)
+    ap.add_argument("--rounds", type=ba.positive, default=2)
     args = ap.parse_args()
 
     import yaml
