@@ -135,10 +135,16 @@ def _checkpoint_task(obj) -> str | None:
     return _TASK_OF_CLASS.get(cls.__name__, "segment" if "Seg" in cls.__name__ else "other")
 
 
+#: Leading bytes of the image formats Pillow decodes most often (JPEG, PNG, GIF, BMP, TIFF in
+#: both byte orders); WebP is ``RIFF....WEBP``.
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
 def describe(path: str | os.PathLike) -> str:
     """What ``path`` is, in words, for error messages: ``missing``, ``a folder``, ``an ONNX
     model``, ``an ultralytics segment checkpoint``, ``a PyTorch file without an ultralytics
-    model``, ``a JSON file``, ``a text file``, ``a binary file``..."""
+    model``, ``an image`` (by suffix or leading bytes), ``a damaged or cut-off ONNX file``,
+    ``a JSON file``, ``a text file``, ``a binary file``..."""
     p = Path(path).expanduser()
     if not p.exists():
         return "missing"
@@ -160,8 +166,10 @@ def describe(path: str | os.PathLike) -> str:
         return "an ONNX model"
     from distillery.engine.images import IMAGE_SUFFIXES
 
-    if p.suffix.lower() in IMAGE_SUFFIXES:
+    if p.suffix.lower() in IMAGE_SUFFIXES or head.startswith(IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
         return "an image"
+    if head[:1] == b"\x08" and p.suffix.lower() == ".onnx":  # ModelProto's ir_version field, then no model
+        return "a damaged or cut-off ONNX file"
     if _is_text(head):
         s = head.lstrip()
         if s[:1] in (b"{", b"["):

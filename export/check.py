@@ -141,6 +141,12 @@ def export_check(models: dict, gt: dict, image_paths: list[str], imgsz: int, cla
     return report
 
 
+def _score(v: float, width: int) -> str:
+    """A mAP right-aligned in ``width``; COCOeval's -1 (no GT of the scored classes in these
+    images: nothing to score) as ``n/a``, not as a number."""
+    return f"{'n/a':>{width}}" if v < 0 else f"{v:{width}.4f}"
+
+
 def format_report(r: dict) -> str:
     """The report as a table: one row per model, GT mAP, latency, and against the FP32 ONNX the
     mask mAP drop, agreement (mask mAP50) and speed-up, then the targets."""
@@ -149,8 +155,8 @@ def format_report(r: dict) -> str:
              f"{'model':10}{'box mAP50-95':>14}{'mask mAP50-95':>15}{'mask mAP50':>12}{'ms/img':>9}"
              + (f"{'mask drop':>11}{'agree box/mask':>16}{'speed-up':>10}  targets" if vs else "")]
     for name, m in r["models"].items():
-        row = (f"{MODELS[name]:10}{m['bbox']['mAP50-95']:14.4f}{m['segm']['mAP50-95']:15.4f}{m['segm']['mAP50']:12.4f}"
-               f"{m['latency_ms']:9.1f}")
+        row = (f"{MODELS[name]:10}{_score(m['bbox']['mAP50-95'], 14)}{_score(m['segm']['mAP50-95'], 15)}"
+               f"{_score(m['segm']['mAP50'], 12)}{m['latency_ms']:9.1f}")
         if name in vs:
             d, a = vs[name], vs[name]["agreement"]
             agree = f"{a['bbox_map50']:.3f}/{a['segm_map50']:.3f}" if a["bbox_map50"] is not None else "n/a"

@@ -227,6 +227,14 @@ def test_filekinds_read_checkpoints_without_loading_them(good, bad, tmp_path):
     assert describe(bad["pt"]) == "a PyTorch file without an ultralytics model"
     assert describe(bad["onnx"]) == "an ONNX model"
     assert describe(good.coco) == "a JSON file"
+    from PIL import Image
+
+    for fmt in ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF"):  # an image renamed .onnx: named by its bytes
+        Image.new("RGB", (4, 4)).save(tmp_path / f"img-{fmt}.onnx", format=fmt)
+        assert describe(tmp_path / f"img-{fmt}.onnx") == "an image", fmt
+    data = Path(bad["onnx"]).read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    assert describe(tmp_path / "cut.onnx") == "a damaged or cut-off ONNX file"
     assert checkpoint_progress(good.ckpt) == (-1, 3)
     with pytest.raises(FileKindError, match="det.pt is an ultralytics detect checkpoint, not an ultralytics segment"):
         ultralytics_checkpoint(tmp_path / "det.pt")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from distillery.export.check import missed_targets
+from distillery.export.check import format_report, missed_targets
 
 pytestmark = pytest.mark.slow
 
@@ -376,6 +376,18 @@ def test_missed_targets_judges_each_target_at_its_limit():
     assert missed_targets("openvino-int8", vs(2.0, 0.5, 1.9)) == ["mask drop", "agreement", "speed-up"]
     assert missed_targets("openvino-int8", vs(0.0, 0.95, 2.0)) == []
     assert missed_targets("openvino-fp32", vs(0.0, 0.95, 0.5)) == []  # no speed-up target for FP32
+
+
+def test_report_shows_nothing_to_score_as_n_a_not_minus_one():
+    """COCOeval's -1 (no GT of the model's classes in the images) is printed as n/a; 0 stays 0."""
+    score = {"mAP50-95": -1.0, "mAP50": -1.0, "mAP75": -1.0}
+    zero = {"mAP50-95": 0.0, "mAP50": 0.0, "mAP75": 0.0}
+    text = format_report({"images": 2, "imgsz": 160, "models": {
+        "fp32": {"bbox": score, "segm": score, "latency_ms": 3.0},
+        "pytorch": {"bbox": zero, "segm": zero, "latency_ms": 5.0}}})
+    ort = next(line for line in text.splitlines() if line.startswith("ORT FP32"))
+    pt = next(line for line in text.splitlines() if line.startswith("PyTorch"))
+    assert ort.split()[2:] == ["n/a", "n/a", "n/a", "3.0"] and pt.split()[1:] == ["0.0000", "0.0000", "0.0000", "5.0"]
 
 
 def test_agreement_reference_scores_identical_predictions_as_perfect(student):
