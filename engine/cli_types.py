@@ -149,7 +149,7 @@ class Config(_FileKind):
 
 class Output(_FileKind):
     """Where a command writes: a file (``folder=False``) must not be an existing folder, a
-    folder must not be an existing file."""
+    folder must not be an existing file, and no folder above it an existing file."""
 
     name = "output"
 
@@ -164,6 +164,10 @@ class Output(_FileKind):
                                           f"path (e.g. {self.example})")
         if not self.folder and p.is_dir():
             raise filekinds.FileKindError(f"{name} {value} is a folder; give a file path (e.g. {self.example})")
+        blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+        if blocked is not None:  # mkdir would fail with a bare "[Errno 17] File exists"
+            raise filekinds.FileKindError(f"{name} {value}: {blocked} is {filekinds.describe(blocked)}, not a folder, "
+                                          f"so nothing can be written under it; give another path (e.g. {self.example})")
 
 
 class FloatRange(click.FloatRange):

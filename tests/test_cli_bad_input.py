@@ -186,6 +186,18 @@ def test_wrong_kind_of_file_is_refused_in_one_line(argv, option, kind, bad, good
     assert not Path(good.new).exists(), f"{option} {kind}: the command did work before refusing: {line}"
 
 
+def test_an_output_under_a_file_is_refused_naming_the_file(bad, good):
+    """--out FILE/sub/...: mkdir would fail with a bare "[Errno 17] File exists"; each command
+    names the file in the way instead, before any work."""
+    under = Path(bad["text"]) / "sub"
+    for argv in (["export", "onnx", "--model", good.ckpt, "--out", str(under / "s.onnx")],
+                 ["export", "openvino", "--model", good.onnx, "--out", str(under / "s_openvino_model")],
+                 ["train", "--store", good.store, "--out", str(under / "run"), *TINY_TRAIN],
+                 ["eval", "--store", good.store, "--gt", good.coco, "--out", str(under / "report")]):
+        line = _one_error_line(CliRunner().invoke(main, argv), bad["text"])
+        assert f"{bad['text']} is a text file, not a folder, so nothing can be written under it" in line, line
+
+
 def test_messages_say_what_the_file_is_and_what_to_give(bad, good):
     r = CliRunner()
     line = _one_error_line(r.invoke(main, ["export", "int8", "--model", str(bad["pt"]), "--images", good.images,
