@@ -151,8 +151,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "coco128" / "images"))
     ap.add_argument("--n", type=ba.positive, default=4, help="photos for the tiny teacher, one batch")
-    ap.add_argument("--chunks", type=ba.counts(), default="1,2,4,8", help="prompt-chunk counts, comma-separated, ascending")
-    ap.add_argument("--repeats", type=ba.positive, default=3, help="runs per measurement for the tiny teacher (best kept)")
+    ap.add_argument("--chunks", type=ba.counts(), default="1,2,4,8",
+                    help="prompt-chunk counts, comma-separated, ascending")
+    ap.add_argument("--repeats", type=ba.positive, default=3,
+                    help="runs per measurement for the tiny teacher (best kept)")
     ap.add_argument("--full", action="store_true", help="also Grounding DINO-T at random weights")
     ap.add_argument("--n-full", type=ba.positive, default=2, help="photos for the full-size model, one per batch")
     ap.add_argument("--full-size", type=ba.at_least(32), default=800,

@@ -103,16 +103,19 @@ def main() -> None:
     ap.add_argument("--data", default="shapes", choices=["shapes", "person16"],
                     help="what the student learns and is checked on (shapes: synthetic, learnable from scratch "
                          "in minutes; person16: 16 coco128 photos, GT of those same photos)")
-    ap.add_argument("--epochs", type=ba.positive, default=None, help="training epochs (default: shapes 40, person16 150)")
+    ap.add_argument("--epochs", type=ba.positive, default=None,
+                    help="training epochs (default: shapes 40, person16 150)")
     ap.add_argument("--train-images", type=ba.positive, default=128, help="shapes: training images")
     ap.add_argument("--train-imgsz", type=ba.imgsz, default=320, help="training input size (the check runs at it)")
     ap.add_argument("--imgsz", type=ba.imgsz, default=640, help="latency input size")
     ap.add_argument("--check-imgsz", type=ba.imgsz, default=None,
                     help="export check input size (default: the student's training imgsz, from its checkpoint)")
-    ap.add_argument("--calib", type=ba.positive, default=64, help="calibration images (shapes: training images; person16: coco128)")
+    ap.add_argument("--calib", type=ba.positive, default=64,
+                    help="calibration images (shapes: training images; person16: coco128)")
     ap.add_argument("--rounds", type=ba.positive, default=5, help="timed rounds over the 16 photos (median counts)")
     ap.add_argument("--method", default="minmax", help="ORT INT8 calibration method (export int8 --method)")
-    ap.add_argument("--threads", type=ba.non_negative, default=0, help="threads of every runtime (0: each one's default, all cores)")
+    ap.add_argument("--threads", type=ba.non_negative, default=0,
+                    help="threads of every runtime (0: each one's default, all cores)")
     ap.add_argument("--ov-head", default="outputs", choices=["fp32", "outputs", "int8"], help="OpenVINO INT8 --head")
     ap.add_argument("--ov-preset", default="mixed", choices=["mixed", "performance"], help="OpenVINO INT8 NNCF preset")
     ap.add_argument("--skip-check", action="store_true", help="latency only, no export check")

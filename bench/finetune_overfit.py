@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("--lr", type=ba.positive_float, default=1e-3)
     ap.add_argument("--batch", type=ba.positive, default=2)
     ap.add_argument("--rank", type=ba.positive, default=16)
-    ap.add_argument("--threads", type=ba.positive, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    ap.add_argument("--threads", type=ba.positive, default=1,
+                    help="torch threads (1 is fastest on a busy 2-core machine)")
     args = ap.parse_args()
 
     import torch

@@ -313,7 +313,8 @@ def main() -> int:
     ap.add_argument("--only", default="label,tensorrt,finetune")
     ap.add_argument("--images", type=ba.positive, default=128, help="coco128 photos per labelling run")
     ap.add_argument("--batches", default="1,8", help="preset batch sizes to sweep")
-    ap.add_argument("--block", type=ba.positive, default=8, help="images per decode block (run_label_job decode_batch_size)")
+    ap.add_argument("--block", type=ba.positive, default=8,
+                    help="images per decode block (run_label_job decode_batch_size)")
     ap.add_argument("--precisions", default="fp16,bf16")
     ap.add_argument("--label-kinds", default="default,sam2,sam3",
                     help="label runs: default (GD-T + SAM ViT-B, every precision and batch), sam2 (GD-T + SAM 2), "

@@ -152,10 +152,13 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also full-size architectures at random weights")
     ap.add_argument("--n-full", type=ba.positive, default=4)
     ap.add_argument("--no-tiny", action="store_true", help="only the full-size teachers (with --full)")
-    ap.add_argument("--runner", type=ba.names(("ray", "local", "auto")), default="ray", help="comma-separated: ray, local, auto (what `label` picks)")
-    ap.add_argument("--segment-actors", type=ba.positive, default=None, help="segmenter actors (default: the preset's, 1)")
+    ap.add_argument("--runner", type=ba.names(("ray", "local", "auto")), default="ray",
+                    help="comma-separated: ray, local, auto (what `label` picks)")
+    ap.add_argument("--segment-actors", type=ba.positive, default=None,
+                    help="segmenter actors (default: the preset's, 1)")
     ap.add_argument("--rounds", type=ba.positive, default=2, help="loop rounds, before and after the jobs; best kept")
-    ap.add_argument("--classes", type=ba.at_least(1, 80), default=80, help="the first N of the 80 COCO classes (default all)")
+    ap.add_argument("--classes", type=ba.at_least(1, 80), default=80,
+                    help="the first N of the 80 COCO classes (default all)")
     ap.add_argument("--kind", action="append", default=None, metavar="DET+SEG|TEACHER",
                     help="teacher combination (repeatable), e.g. owlv2+sam2; default grounding-dino+sam")
     args = ap.parse_args()

@@ -181,7 +181,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=ba.positive, default=8, help="coco128 photos")
     ap.add_argument("--epochs", type=ba.at_least(2), default=3, help="epochs per run (the first is dropped)")
-    ap.add_argument("--legacy-epochs", type=ba.non_negative, default=1, help="epochs of the slow before-run (0: skip it)")
+    ap.add_argument("--legacy-epochs", type=ba.non_negative, default=1,
+                    help="epochs of the slow before-run (0: skip it)")
     ap.add_argument("--imgsz", type=ba.imgsz, default=160)
     ap.add_argument("--workers", type=ba.non_negative, default=0, help="dataloader workers (0: loading counts in full)")
     args = ap.parse_args()

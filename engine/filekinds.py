@@ -166,7 +166,8 @@ def describe(path: str | os.PathLike) -> str:
         return "an ONNX model"
     from distillery.engine.images import IMAGE_SUFFIXES
 
-    if p.suffix.lower() in IMAGE_SUFFIXES or head.startswith(IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+    webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+    if p.suffix.lower() in IMAGE_SUFFIXES or head.startswith(IMAGE_MAGIC) or webp:
         return "an image"
     if head[:1] == b"\x08" and p.suffix.lower() == ".onnx":  # ModelProto's ir_version field, then no model
         return "a damaged or cut-off ONNX file"
@@ -410,7 +411,8 @@ def one_line(e: BaseException) -> str:
 def openvino_folder(path: str | os.PathLike, name: str = "") -> Path:
     """The ``*.xml`` of the OpenVINO segmentation student in folder ``path``, checked without
     importing OpenVINO: the name ends in ``_openvino_model``, one ``*.xml`` with its ``.bin``,
-    the ``.xml`` well-formed XML whose root is ``<net>`` (the IR format), a ``metadata.yaml`` mapping with ``task: segment`` and ``names``.
+    the ``.xml`` well-formed XML whose root is ``<net>`` (the IR format), a ``metadata.yaml``
+    mapping with ``task: segment`` and ``names``.
 
     Raises:
         FileKindError: naming the folder, what it is, and the fix.

@@ -5,9 +5,9 @@ writing is reported, not read half-written):
 
 - the manifest: readable, its ``labelset_id`` is its folder's name, classes are unique
   strings, its name follows the naming rules and is unique in the store;
-- every shard: a readable Parquet file (the ``PAR1`` magic bytes at both ends) whose schema is :data:`ROW_SCHEMA`, with the row
-  count the manifest's ``shards`` map records; a shard on disk that the map lacks, or one the
-  map lists that is gone;
+- every shard: a readable Parquet file (``PAR1`` magic bytes at both ends) whose schema is
+  :data:`ROW_SCHEMA`, with the row count the manifest's ``shards`` map records; a shard on
+  disk that the map lacks, or one the map lists that is gone;
 - no image labelled twice: a labelled row of a path that another shard labels too (a copied
   shard), or two labelled rows with the same image id (same bytes) under different paths;
 - every row: a valid :class:`LabelRecord` (shapes, boxes inside the frame, scores in
