@@ -248,6 +248,20 @@ class TeacherPreset(StrictConfig):
             raise ValueError(f"precision {self.precision} needs a GPU; use fp32 with device: cpu")
         return self
 
+    @model_validator(mode="after")
+    def _sam_needs_weights(self) -> "TeacherPreset":
+        """A segment-anything segmenter without ``checkpoint`` would label with random weights
+        (``load_sam(..., None)``), silently: refused unless another ``teacher`` does the work."""
+        from distillery.labeling.kinds import CHECKPOINT_SEGMENTERS
+
+        seg = self.segmenter
+        if self.teacher is None and seg.kind in CHECKPOINT_SEGMENTERS and seg.checkpoint is None:
+            raise ValueError(f"segmenter.checkpoint is not set, so SAM {seg.model_type} would run with random "
+                             "weights; set it to the segment-anything checkpoint (the shipped default preset uses "
+                             "~/.cache/distillery/sam_vit_b_01ec64.pth), or write tiny test teachers with "
+                             "`distillery teachers tiny DIR`")
+        return self
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TeacherPreset":
         """Read a preset YAML (see module docstring); relative paths resolve against its folder.

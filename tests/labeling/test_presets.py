@@ -113,7 +113,8 @@ def test_relative_paths_resolve_against_the_preset_and_round_trip(tiny_teachers,
     assert type(preset.detector.image_size) is dict  # hashed as is into the label set id
     assert TeacherPreset.from_dict(preset.to_dict()) == preset
     # a model that is not a folder next to the preset stays a hub id
-    p = write(tmp_path, "detector: {model: IDEA-Research/grounding-dino-base}\n")
+    p = write(tmp_path, "detector: {model: IDEA-Research/grounding-dino-base}\n"
+                        f"segmenter: {{model_type: vit_tiny, checkpoint: {folder / 'sam_vit_tiny.pth'}}}\n")
     assert TeacherPreset.load(p).detector.model == "IDEA-Research/grounding-dino-base"
     # edited values are checked again by validate()
     preset.detector.batch_size = 0
@@ -129,7 +130,16 @@ def test_preset_shape_and_duplicate_keys(tmp_path):
     assert str(e.value) == f"{p}: must be a mapping with keys detector, segmenter, teacher, device, precision, got list"
     with pytest.raises(PresetError, match="given twice"):
         TeacherPreset.load(write(tmp_path, "device: cpu\ndevice: auto\n"))
-    assert TeacherPreset.load(write(tmp_path, "")) == TeacherPreset()  # an empty preset: every default
+    # an empty preset, or one without a segmenter: SAM's weights must be named, never random by default
+    for text in ("", "detector: {model: IDEA-Research/grounding-dino-base}\n", "segmenter: {model_type: vit_h}\n"):
+        p = write(tmp_path, text)
+        with pytest.raises(PresetError) as e:
+            TeacherPreset.load(p)
+        model_type = "vit_h" if "vit_h" in text else "vit_b"
+        assert str(e.value) == (f"{p}: segmenter.checkpoint is not set, so SAM {model_type} would run with random "
+                                "weights; set it to the segment-anything checkpoint (the shipped default preset uses "
+                                "~/.cache/distillery/sam_vit_b_01ec64.pth), or write tiny test teachers with "
+                                "`distillery teachers tiny DIR`")
     with pytest.raises(OntologyError, match="'car' is given twice"):
         Ontology.load(write(tmp_path, "car: vehicle\ntruck: vehicle\ncar: automobile\n", "o.yaml"))
     with pytest.raises(OntologyError, match="empty"):
@@ -172,7 +182,8 @@ def test_full_size_random_teachers_have_the_real_architectures():
 
 def test_a_model_folder_of_another_kind_fails_before_any_label_set(tiny_teachers, tmp_path):
     gd = str(Path(tiny_teachers).parent / "grounding-dino")
-    p = TeacherPreset.from_dict({"detector": {"kind": "owlv2", "model": gd}})
+    sam = {"model_type": "vit_tiny", "checkpoint": str(Path(tiny_teachers).parent / "sam_vit_tiny.pth")}
+    p = TeacherPreset.from_dict({"detector": {"kind": "owlv2", "model": gd}, "segmenter": sam})
     with pytest.raises(PresetError, match="is a 'grounding-dino' model, not the 'owlv2' that detector.kind owlv2 loads"):
         p.check_detector(Ontology.from_classes("person"), "p.yaml")
     p = TeacherPreset.from_dict({"detector": {"model": gd}, "segmenter": {"kind": "sam2", "model": gd}})
