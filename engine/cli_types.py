@@ -172,7 +172,17 @@ class Output(_FileKind):
 
 class FloatRange(click.FloatRange):
     """``click.FloatRange`` that also refuses NaN (which compares False with every bound, so
-    click lets it through: ``--val-fraction nan`` would split nothing, silently)."""
+    click lets it through: ``--val-fraction nan`` would split nothing, silently) and, with
+    ``finite=True``, infinity (``--lr inf`` trained an adapter of NaNs, exit 0).
+
+    Args:
+        finite: refuse ``inf`` too (for a value that enters arithmetic, e.g. a learning rate;
+            not where ``inf`` means "never", as ``--flush-seconds``).
+    """
+
+    def __init__(self, *args, finite: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.finite = finite
 
     def convert(self, value, param, ctx):
         import math
@@ -180,4 +190,6 @@ class FloatRange(click.FloatRange):
         rv = super().convert(value, param, ctx)
         if isinstance(rv, float) and math.isnan(rv):
             self.fail(f"{value!r} is not a number; give {self._describe_range()}", param, ctx)
+        if self.finite and isinstance(rv, float) and math.isinf(rv):
+            self.fail(f"{value!r} is not a finite number; give {self._describe_range()}", param, ctx)
         return rv

@@ -493,7 +493,7 @@ def _echo_table(rows, worse=None) -> None:
 @click.option("--out", required=True, type=Output(folder=True, example="ft/"),
               help="Folder for the weights, preset.yaml, finetune.json and checkpoints.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Default: detector 12, segmenter 10.")
-@click.option("--lr", type=FloatRange(min=0, min_open=True), default=None, help="Default: 1e-4 for both.")
+@click.option("--lr", type=FloatRange(min=0, min_open=True, finite=True), default=None, help="Default: 1e-4 for both.")
 @click.option("--batch", type=click.IntRange(min=1), default=None,
               help="Detector: images per device and step (default 4); segmenter: box-mask pairs per step (default 8).")
 @click.option("--rank", type=click.IntRange(min=1), default=16, show_default=True, help="LoRA rank (alpha = rank).")

@@ -96,6 +96,10 @@ def test_nan_is_refused_where_click_would_let_it_through(tmp_path, coco128):
     out = _invoke(["label", coco128 / "images", "--classes", "person", "--store", tmp_path / "s",
                    "--flush-seconds", "nan"])
     assert "'nan' is not a number" in out and not (tmp_path / "s").exists()
+    (tmp_path / "store" / "labelsets").mkdir(parents=True)
+    out = _invoke(["teachers", "finetune", "--teachers", "default", "--store", tmp_path / "store", "--lr", "inf",
+                   "--out", tmp_path / "ft"])  # trained an adapter of NaNs, exit 0
+    assert "'inf' is not a finite number" in out and not (tmp_path / "ft").exists()
 
 
 def test_finetune_refuses_detector_options_for_sam_and_kinds_it_cannot_train(tmp_path):
@@ -104,7 +108,9 @@ def test_finetune_refuses_detector_options_for_sam_and_kinds_it_cannot_train(tmp
     out = _invoke(base + ["--teachers", "default", "--component", "segmenter", "--method", "full", "--rank", 4])
     assert "--method, --rank apply to the detector" in out
     owl = tmp_path / "owl.yaml"
-    owl.write_text("detector: {kind: owlv2, model: google/owlv2-base-patch16-ensemble}\n")
+    (tmp_path / "sam.pth").write_bytes(b"")  # only its existence is checked before the refusal
+    owl.write_text("detector: {kind: owlv2, model: google/owlv2-base-patch16-ensemble}\n"
+                   "segmenter: {model_type: vit_b, checkpoint: sam.pth}\n")
     out = _invoke(base + ["--teachers", owl])
     assert "fine-tuning covers detector kinds grounding-dino, mm-grounding-dino, not owlv2" in out
     assert not (tmp_path / "ft").exists()

@@ -225,10 +225,21 @@ def load_base(model: str, revision: str | None, kind: str = "grounding-dino"):
 
 def save_weights(model, processor, method: str, out: Path) -> Path:
     """``OUT/adapter`` (lora: peft ``save_pretrained``) or ``OUT/model`` (the whole detector and
-    its processor), written to a temporary folder and renamed into place."""
-    from distillery.labeling.finetune.detector import detection_model
+    its processor), written to a temporary folder and renamed into place.
+
+    Raises:
+        TrainingDiverged: a trained weight is NaN or infinite (the last step's update can
+            diverge after its loss was checked); nothing is written.
+    """
+    import torch
+
+    from distillery.labeling.finetune.detector import TrainingDiverged, detection_model
 
     net = getattr(model, "module", model)
+    bad = [n for n, p in net.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(f"{len(bad)} trained weight tensor(s) hold NaN or infinity (e.g. {bad[0]}); nothing "
+                               "was saved: lower --lr")
     final = Path(out) / ("adapter" if method == "lora" else "model")
     tmp = Path(out) / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -358,6 +358,10 @@ def finetune_mask_decoder(model, train: list[SamSample], val: list[SamSample], o
                           "optimizer": opt.state_dict(), "rng": rng.bit_generator.state}, Path(state_path))
         if on_epoch is not None:
             on_epoch(entry)
+    bad = [f"{n}.{w}" for n, m in trained.items() for w, p in m.named_parameters() if not torch.isfinite(p).all()]
+    if bad:  # a diverged run: its loss or last update went non-finite; nothing is saved
+        raise SamFinetuneError(f"{len(bad)} trained weight tensor(s) hold NaN or infinity (e.g. {bad[0]}); nothing "
+                               "was saved: lower --lr")
     kind.save(out)
     return history
 

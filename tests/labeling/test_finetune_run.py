@@ -295,3 +295,19 @@ def test_ray_train_with_two_cpu_workers(small_preset, coco128, coco128_gt, tmp_p
     assert epoch["steps"] == 2, "4 images over 2 workers, 1 per step"
     assert rec["adapter_sha256"] == adapter_sha256(out / "adapter") and "done: 1 epochs" in log
     assert TeacherPreset.load(out / "preset.yaml").detector.adapter
+
+
+def test_diverged_weights_are_never_saved(tmp_path):
+    """The last step's update can turn weights NaN after its loss was checked (--lr 1e9 and
+    up): save_weights refuses before writing anything."""
+    import torch
+
+    from distillery.labeling.finetune.detector import TrainingDiverged
+    from distillery.labeling.finetune.run import save_weights
+
+    net = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"1 trained weight tensor\(s\) hold NaN or infinity \(e.g. weight\)"):
+        save_weights(net, None, "lora", tmp_path)
+    assert not any(tmp_path.iterdir())
