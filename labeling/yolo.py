@@ -86,6 +86,19 @@ def _place(src: str, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+#: What :func:`export_yolo_seg` writes in its folder.
+EXPORT_PARTS = ("images", "labels", "data.yaml")
+
+
+def _is_yolo_export(out: Path) -> bool:
+    """``out`` holds a ``data.yaml`` of the shape :func:`export_yolo_seg` writes."""
+    try:
+        data = yaml.safe_load((out / "data.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and "names" in data and set(data) <= {"path", "train", "val", "names"}
+
+
 def export_yolo_seg(
     labelset: LabelSet, out_dir: str | os.PathLike, val_fraction: float = 0.1, min_score: float = 0.0,
     overwrite: bool = False,
@@ -94,7 +107,9 @@ def export_yolo_seg(
 
     Raises:
         FileExistsError: ``out_dir`` already holds ``images/`` or ``labels/`` and not
-            ``overwrite`` (stale files would pair old images with new labels).
+            ``overwrite`` (stale files would pair old images with new labels); or it is a
+            folder holding anything but an earlier export (never written into, even with
+            ``overwrite``).
 
     Crowd instances are skipped (YOLO has no crowd flag). Images no longer at their
     recorded path, or no longer decoding to their recorded size, are skipped and listed in
@@ -109,6 +124,14 @@ def export_yolo_seg(
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file; yolo-seg export writes a directory")
     stale = [d for d in (out / "images", out / "labels") if d.is_dir() and any(p.is_file() for p in d.rglob("*"))]
+    if out.is_dir():  # never write into, or with --overwrite empty, a folder that is not an export
+        others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_PARTS)
+        foreign = (stale or (out / "data.yaml").exists()) and not _is_yolo_export(out)
+        if others or foreign:
+            what = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "") if others else \
+                "images/labels without an export's data.yaml"
+            raise FileExistsError(f"{out} is a folder that is not a yolo-seg export ({what}); export to a new or "
+                                  "empty folder (--overwrite replaces only an earlier export)")
     if stale and not overwrite:
         raise FileExistsError(f"{out} already holds a dataset; export to a new directory or pass --overwrite")
     for d in (out / "images", out / "labels"):

@@ -145,6 +145,19 @@ def test_yolo_export_refuses_stale_dir_and_overwrite_replaces(imported, tmp_path
     assert counts["val"] == 128 and not list((out / "images" / "train").iterdir())
     assert len(list((out / "labels" / "val").iterdir())) == 128
 
+    mine = tmp_path / "mine"  # a folder of the user's: never written into, --overwrite or not
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "a.jpg").write_bytes(b"x")
+    (mine / "notes.txt").write_text("precious")
+    for folder, what in [(mine, "notes.txt"), (mine / "images", "a.jpg")]:
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match=rf"is a folder that is not a yolo-seg export \({what}\)"):
+                export_yolo_seg(ls, folder, overwrite=overwrite)
+    (mine / "notes.txt").unlink()  # images/ alone, without the export's data.yaml: still not ours
+    with pytest.raises(FileExistsError, match=r"\(images/labels without an export's data.yaml\)"):
+        export_yolo_seg(ls, mine, overwrite=True)
+    assert (mine / "images" / "a.jpg").read_bytes() == b"x" and sorted(p.name for p in mine.iterdir()) == ["images"]
+
 
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c["images"][0].pop("width"), "lacks width"),
