@@ -108,7 +108,7 @@ def validate_instances(coco) -> None:
                             "are matched by name, so names must be unique")
         cat_ids.add(c["id"])
         cat_names.add(c["name"])
-    sizes = {}
+    sizes, file_names = {}, {}
     for i, im in enumerate(coco["images"]):
         missing = [k for k in ("id", "file_name", "width", "height") if not isinstance(im, dict) or k not in im]
         if missing:
@@ -119,6 +119,10 @@ def validate_instances(coco) -> None:
             raise CocoError(f"{image_name(i, im)}: file_name must be a non-empty string")
         if im["id"] in sizes:
             raise CocoError(f"image id {im['id']!r} is given to several images ({image_name(i, im)}); ids must be unique")
+        if im["file_name"] in file_names:  # one file, two entries: one entry's annotations would be lost
+            raise CocoError(f"file_name {im['file_name']!r} is given to several images (ids {file_names[im['file_name']]!r} "
+                            f"and {im['id']!r}); merge their annotations under one image entry")
+        file_names[im["file_name"]] = im["id"]
         w, h = im["width"], im["height"]
         if not all(isinstance(v, Integral) and not isinstance(v, bool) and v > 0 for v in (w, h)):
             raise CocoError(f"{image_name(i, im)}: width and height must be positive integers, got {w!r} x {h!r}")

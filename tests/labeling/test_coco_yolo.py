@@ -166,6 +166,7 @@ def test_yolo_export_refuses_stale_dir_and_overwrite_replaces(imported, tmp_path
     (lambda c: c["annotations"][0].update(image_id=-5), "image_id -5"),
     (lambda c: c.pop("categories"), "'categories' list"),
     (lambda c: c["images"][1].update(id=c["images"][0]["id"]), "given to several images"),
+    (lambda c: c["images"][1].update(file_name=c["images"][0]["file_name"]), "file_name .* is given to several images"),
     (lambda c: c["annotations"][0].update(segmentation={"counts": "garbage", "size": [480, 640]}),
      r"annotation #\d+ \(id \d+\).*(corrupt|size|decoded)"),
 ])
