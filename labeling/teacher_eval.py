@@ -188,6 +188,27 @@ def training_overlap(store: LabelStore, teacher: Teacher, image_ids: set[str]) -
     return len(trained & image_ids)
 
 
+def checked_preset(teacher: Teacher, gt: LabelSet):
+    """``(preset, ontology)``: ``teacher``'s preset loaded and its detector checked against
+    ``gt``'s classes (tokenizer and config, no weights).
+
+    Raises:
+        PresetError: the preset or its detector cannot be loaded; TeacherEvalError: the GT's
+        classes do not tokenize.
+    """
+    from distillery.labeling.ontology import Ontology, OntologyError
+    from distillery.labeling.teachers import TeacherPreset
+
+    preset = TeacherPreset.load(teacher.preset_path)
+    onto = Ontology.from_dict(gt.manifest["ontology"])
+    try:
+        preset.check_detector(onto, str(teacher.preset_path))
+    except OntologyError as e:
+        raise TeacherEvalError(f"the classes of label set {gt.name or gt.id} do not fit the detector of "
+                               f"{teacher.preset_path}: {e}") from e
+    return preset, onto
+
+
 def label_teacher(store: LabelStore, teacher: Teacher, gt: LabelSet, paths: list[str], *, runner: str = "local",
                   ray_address: str | None = None, progress: bool = False) -> tuple[LabelSet, int]:
     """Label ``paths`` with ``teacher`` over the GT's ontology into the store (the prediction
@@ -202,16 +223,9 @@ def label_teacher(store: LabelStore, teacher: Teacher, gt: LabelSet, paths: list
         classes do not tokenize.
     """
     from distillery.engine.job import run_label_job
-    from distillery.labeling.ontology import Ontology, OntologyError
-    from distillery.labeling.teachers import TeacherPreset, labelset_spec, teacher_stages
+    from distillery.labeling.teachers import labelset_spec, teacher_stages
 
-    preset = TeacherPreset.load(teacher.preset_path)
-    onto = Ontology.from_dict(gt.manifest["ontology"])
-    try:
-        preset.check_detector(onto, str(teacher.preset_path))
-    except OntologyError as e:
-        raise TeacherEvalError(f"the classes of label set {gt.name or gt.id} do not fit the detector of "
-                               f"{teacher.preset_path}: {e}") from e
+    preset, onto = checked_preset(teacher, gt)
     spec = labelset_spec(onto, preset)
     ls_id = fingerprint(spec)
     exists = any(s.id == ls_id for s in store.labelsets())
@@ -356,6 +370,9 @@ def run_teacher_eval(store: LabelStore, gt: LabelSet, teachers: list[Teacher], *
     warnings = []
     gt_coco = _gt_coco(held, gt.classes)
     reports, made = {}, {}
+    for t in teachers:  # every preset checked before the first teacher labels (hours, with real teachers)
+        if t.label not in (predictions or {}):
+            checked_preset(t, gt)
     for t in teachers:
         overlap = training_overlap(store, t, ids)
         if overlap:

@@ -262,6 +262,12 @@ def test_cli_refuses_bad_input_in_one_line(gt4, tiny_teachers, tmp_path):
     line = _one_error_line(CliRunner().invoke(main, base[:4] + ["--store", str(tmp_path / "file"), *base[6:],
                                                                 "--labelset", "gt4"]))
     assert "--store" in line and str(tmp_path / "file") in line
+    bad = tmp_path / "bad.yaml"  # the second teacher's typo is found before the first labels anything
+    bad.write_text(open(tiny_teachers).read().replace("batch_size: 4", "batch_size: 0", 1))
+    before = sorted(s.id for s in LabelStore(store).labelsets())
+    line = _one_error_line(CliRunner().invoke(main, base + ["--teachers", str(bad), "--labelset", "gt4"]))
+    assert f"{bad}: detector.batch_size: must be a positive integer, got 0" in line
+    assert sorted(s.id for s in LabelStore(store).labelsets()) == before
     assert not (tmp_path / "o").exists()
 
 
