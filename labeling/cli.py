@@ -89,6 +89,8 @@ def label(sources, classes, ontology_path, store, preset_path, runner, ray_addre
     try:
         preset = TeacherPreset.load(preset_path)
         chunks = preset.check_detector(onto, preset_path)  # tokenizes the ontology; no weights loaded
+        if not ray_address:  # the job runs on this machine
+            preset.check_device_here(preset_path)
     except PresetError as e:
         raise UserError(str(e)) from e
     except OntologyError as e:
@@ -553,6 +555,13 @@ def teachers_finetune(preset_path, store, labelset, curation, component, method,
 
     try:
         p = TeacherPreset.load(preset_path)
+        if p.teacher is None:  # what is loaded is checked before any run folder exists (no weights read)
+            if component != "segmenter" and p.detector.kind in FINETUNE_DETECTORS:
+                p.detector_text(preset_path)
+            if component != "detector":
+                p.check_segmenter(preset_path)
+        if not ray_address:
+            p.check_device_here(preset_path)
     except PresetError as e:
         raise UserError(str(e)) from e
     if p.teacher is not None:

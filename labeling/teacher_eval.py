@@ -372,7 +372,9 @@ def run_teacher_eval(store: LabelStore, gt: LabelSet, teachers: list[Teacher], *
     reports, made = {}, {}
     for t in teachers:  # every preset checked before the first teacher labels (hours, with real teachers)
         if t.label not in (predictions or {}):
-            checked_preset(t, gt)
+            preset, _ = checked_preset(t, gt)
+            if not ray_address:
+                preset.check_device_here(str(t.preset_path))
     for t in teachers:
         overlap = training_overlap(store, t, ids)
         if overlap:

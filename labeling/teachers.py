@@ -217,6 +217,30 @@ class GroundedConfig(StrictConfig):
         return _model_dir(v, info)
 
 
+def check_sam_checkpoint(path: str, what: str) -> None:
+    """``path`` is a PyTorch state dict (read lazily: ``torch.load(mmap=True,
+    weights_only=True)``, no weights copied), so that a wrong file fails before any label set
+    or fine-tuning run exists instead of as an unpickling traceback from inside a stage.
+
+    Raises:
+        PresetError: naming ``what`` and what the file is.
+    """
+    import pickle
+
+    import torch
+
+    from distillery.engine.filekinds import describe
+
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as e:
+        raise PresetError(f"{what} {path} is {describe(path)}, not a PyTorch state dict of SAM weights; give the "
+                          "segment-anything .pth (e.g. sam_vit_b_01ec64.pth)") from e
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise PresetError(f"{what} {path} is a PyTorch file but not a state dict of tensors; give the "
+                          "segment-anything .pth (e.g. sam_vit_b_01ec64.pth)")
+
+
 class TeacherPreset(StrictConfig):
     """A teachers preset (see the module docstring); validated by pydantic on construction.
     With ``teacher`` set, that one model labels and ``detector`` / ``segmenter`` are unused."""
@@ -316,8 +340,6 @@ class TeacherPreset(StrictConfig):
                 ``transformers`` (offline and not in the cache, a typo), or is of another kind.
             labeling.ontology.OntologyError: the ontology does not tokenize into chunks.
         """
-        from transformers import AutoConfig, AutoTokenizer
-
         from distillery.labeling.ontology import build_chunks
 
         if self.teacher is not None:
@@ -329,6 +351,26 @@ class TeacherPreset(StrictConfig):
                 if isinstance(e, OntologyError):
                     raise
                 raise PresetError(f"{source}: {e}") from e
+
+        d = self.detector
+        cfg, tok = self.detector_text(source)
+        self.check_segmenter(source)
+        if d.kind == "owlv2":  # one text query per prompt, no caption: the prompts' length is what can fail
+            from distillery.labeling.owlv2 import QUERIES_PER_CALL, check_prompts
+
+            check_prompts(ontology, tok, int(cfg.text_config.max_position_embeddings))
+            return -(-len(ontology.prompts) // QUERIES_PER_CALL)
+        return len(build_chunks(ontology, tok, int(getattr(cfg, "max_text_len", 256))))
+
+    def detector_text(self, source: str = "preset"):
+        """``(config, tokenizer)`` of ``detector.model`` (no weights), checked to be of
+        ``detector.kind``.
+
+        Raises:
+            PresetError: the model is neither a local directory nor loadable by
+                ``transformers`` (offline and not in the cache, a typo), or is of another kind.
+        """
+        from transformers import AutoConfig, AutoTokenizer
 
         d = self.detector
         local = Path(d.model).is_dir()
@@ -346,13 +388,26 @@ class TeacherPreset(StrictConfig):
                      "not load it as a hub id (offline and not in the cache?)")
             raise PresetError(f"{source}: detector.model {d.model!r} cannot be loaded: it is {where}. "
                               f"{type(e).__name__}: {str(e).splitlines()[0]}") from e
-        self.check_segmenter(source)
-        if d.kind == "owlv2":  # one text query per prompt, no caption: the prompts' length is what can fail
-            from distillery.labeling.owlv2 import QUERIES_PER_CALL, check_prompts
+        return cfg, tok
 
-            check_prompts(ontology, tok, int(cfg.text_config.max_position_embeddings))
-            return -(-len(ontology.prompts) // QUERIES_PER_CALL)
-        return len(build_chunks(ontology, tok, int(getattr(cfg, "max_text_len", 256))))
+    def check_device_here(self, source: str = "preset") -> None:
+        """``device`` exists on this machine: for jobs that run here (the local runner, a local
+        Ray, fine-tuning), so that ``cuda`` without a GPU fails before a label set is made
+        rather than as torch's "Found no NVIDIA driver" traceback from inside a stage.
+
+        Raises:
+            PresetError: ``cuda`` / ``cuda:N`` and torch sees no CUDA GPU, or fewer than N+1.
+        """
+        import torch
+
+        if not self.device.startswith("cuda"):
+            return
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = torch.device(self.device).index or 0
+        if index >= n:
+            seen = "no CUDA GPU" if n == 0 else f"{n} CUDA GPU(s), cuda:0..cuda:{n - 1}"
+            raise PresetError(f"{source}: device {self.device}: torch sees {seen} on this machine; set device: auto "
+                              "(a GPU when there is one, else the CPU) or cpu")
 
     def check_segmenter(self, source: str = "preset") -> None:
         """For a ``segmenter.kind`` loaded by ``from_pretrained``: read its config (no weights) and
@@ -365,6 +420,8 @@ class TeacherPreset(StrictConfig):
 
         s = self.segmenter
         if s.kind in CHECKPOINT_SEGMENTERS:
+            if s.checkpoint is not None:
+                check_sam_checkpoint(s.checkpoint, f"{source}: segmenter.checkpoint")
             return
         from transformers import AutoConfig
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -113,4 +114,52 @@ def test_finetune_refuses_detector_options_for_sam_and_kinds_it_cannot_train(tmp
                    "segmenter: {model_type: vit_b, checkpoint: sam.pth}\n")
     out = _invoke(base + ["--teachers", owl])
     assert "fine-tuning covers detector kinds grounding-dino, mm-grounding-dino, not owlv2" in out
+    assert not (tmp_path / "ft").exists()
+
+
+def test_teachers_that_cannot_run_here_fail_before_any_label_set_or_run_folder(tmp_path, coco128, tiny_teachers):
+    """A preset for a GPU on a machine without one, a SAM checkpoint that is not a state dict, a
+    detector that cannot be loaded: one line naming the preset key, before a label set (label,
+    teachers eval) or a run folder (teachers finetune) exists. They were tracebacks from torch,
+    pickle and huggingface_hub, after an empty label set or sam-run.json was written."""
+    import torch
+    import yaml
+
+    folder = tmp_path / "t"
+    shutil.copytree(Path(tiny_teachers).parent, folder)
+    good = yaml.safe_load((folder / "teachers.yaml").read_text())
+
+    def preset(name, **edit):
+        data = {k: dict(v) if isinstance(v, dict) else v for k, v in good.items()}
+        for key, value in edit.items():
+            part, _, field = key.partition("__")
+            if field:
+                data[part][field] = value
+            else:
+                data[part] = value
+        (folder / name).write_text(yaml.safe_dump(data))
+        return folder / name
+
+    store = tmp_path / "store"
+    image = coco128 / "images" / "000000000009.jpg"
+    label = ["label", image, "--classes", "person", "--store", store, "--runner", "local", "--teachers"]
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cuda = preset("cuda.yaml", device=f"cuda:{n_gpus}")
+    out = _invoke([*label, cuda])
+    assert f"{cuda}: device cuda:{n_gpus}: torch sees " in out and "set device: auto" in out
+    bad_ckpt = preset("ckpt.yaml", segmenter__checkpoint="teachers.yaml")
+    out = _invoke([*label, bad_ckpt])
+    assert (f"{bad_ckpt}: segmenter.checkpoint {folder / 'teachers.yaml'} is a YAML file, not a PyTorch state dict "
+            "of SAM weights") in out
+    assert not store.exists()
+
+    (store / "labelsets").mkdir(parents=True)
+    ft = ["teachers", "finetune", "--store", store, "--out", tmp_path / "ft", "--teachers"]
+    out = _invoke([*ft, bad_ckpt, "--component", "segmenter"])
+    assert "segmenter.checkpoint" in out and "not a PyTorch state dict" in out
+    no_model = preset("nomodel.yaml", detector__model="nonexistent-model-dir")
+    out = _invoke([*ft, no_model])
+    assert f"{no_model}: detector.model 'nonexistent-model-dir' cannot be loaded" in out
+    out = _invoke([*ft, cuda])
+    assert f"device cuda:{n_gpus}: torch sees" in out
     assert not (tmp_path / "ft").exists()
