@@ -108,6 +108,8 @@ class Store(_FileKind):
         self.must_exist = must_exist
 
     def check(self, value, name):
+        if not self.must_exist:
+            filekinds.file_in_the_way(value, name, "store/")
         filekinds.label_store(value, name, must_exist=self.must_exist)
 
 
@@ -164,10 +166,7 @@ class Output(_FileKind):
                                           f"path (e.g. {self.example})")
         if not self.folder and p.is_dir():
             raise filekinds.FileKindError(f"{name} {value} is a folder; give a file path (e.g. {self.example})")
-        blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
-        if blocked is not None:  # mkdir would fail with a bare "[Errno 17] File exists"
-            raise filekinds.FileKindError(f"{name} {value}: {blocked} is {filekinds.describe(blocked)}, not a folder, "
-                                          f"so nothing can be written under it; give another path (e.g. {self.example})")
+        filekinds.file_in_the_way(p, name, self.example)
 
 
 class FloatRange(click.FloatRange):

@@ -403,6 +403,20 @@ OPENVINO_SUFFIX = "_openvino_model"
 OPENVINO_FOLDER_HINT = "give the folder written by `distillery export openvino` (NAME_openvino_model/)"
 
 
+def file_in_the_way(path: str | os.PathLike, name: str, example: str) -> None:
+    """Refuse a path to be written whose parent folders include an existing file (``mkdir``
+    would fail with a bare ``[Errno 17] File exists`` or ``[Errno 20] Not a directory``).
+
+    Raises:
+        FileKindError: naming ``name``, the file in the way and what it is.
+    """
+    p = Path(path).expanduser()
+    blocked = next((a for a in p.parents if a.exists() and not a.is_dir()), None)
+    if blocked is not None:
+        raise FileKindError(f"{name} {path}: {blocked} is {describe(blocked)}, not a folder, so nothing can be "
+                            f"written under it; give another path (e.g. {example})")
+
+
 def one_line(e: BaseException) -> str:
     """``str(e)`` on one line (a YAML or XML parser's message spans several)."""
     return " ".join(str(e).split())

@@ -221,8 +221,10 @@ def labels_export(store, labelset, fmt, out, min_score, val_fraction, overwrite)
       distillery labels export --store store/ --format coco --out labels.json
       distillery labels export --store store/ --labelset coco128-gt --format yolo-seg --out yolo/
     """
+    from distillery.engine.filekinds import file_in_the_way
     from distillery.engine.store import LabelStore
 
+    file_in_the_way(out, "--out", "labels.json" if fmt == "coco" else "yolo/")
     if fmt == "coco" and Path(out).is_dir():
         raise UserError(f"--out {out} is a folder; --format coco writes a .json file (e.g. labels.json)")
     if Path(out).resolve().is_relative_to((Path(store) / "labelsets").resolve()):

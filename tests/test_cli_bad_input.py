@@ -193,7 +193,10 @@ def test_an_output_under_a_file_is_refused_naming_the_file(bad, good):
     for argv in (["export", "onnx", "--model", good.ckpt, "--out", str(under / "s.onnx")],
                  ["export", "openvino", "--model", good.onnx, "--out", str(under / "s_openvino_model")],
                  ["train", "--store", good.store, "--out", str(under / "run"), *TINY_TRAIN],
-                 ["eval", "--store", good.store, "--gt", good.coco, "--out", str(under / "report")]):
+                 ["eval", "--store", good.store, "--gt", good.coco, "--out", str(under / "report")],
+                 ["labels", "export", "--store", good.store, "--format", "coco", "--out", str(under / "l.json")],
+                 ["labels", "export", "--store", good.store, "--format", "yolo-seg", "--out", str(under / "yolo")],
+                 ["labels", "import", "--coco", good.coco, "--images", good.images, "--store", str(under)]):
         line = _one_error_line(CliRunner().invoke(main, argv), bad["text"])
         assert f"{bad['text']} is a text file, not a folder, so nothing can be written under it" in line, line
 
