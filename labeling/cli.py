@@ -549,8 +549,8 @@ def teachers_finetune(preset_path, store, labelset, curation, component, method,
     given = [f"--{n.replace('_', '-')}" for n in ("method", "rank", "max_classes", "flip")
              if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
     if component == "segmenter" and given:
-        raise UserError(f"{', '.join(given)} apply to the detector; --component segmenter trains the segmenter's "
-                        "mask decoder (SAM, SAM 2, SAM-HQ)")
+        raise UserError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to the detector; --component "
+                        "segmenter trains the segmenter's mask decoder (SAM, SAM 2, SAM-HQ)")
     from distillery.labeling.finetune.run import FINETUNE_DETECTORS
     from distillery.labeling.finetune.sam_kinds import FINETUNE_SEGMENTERS, KIND_NAMES
     from distillery.labeling.teachers import TeacherPreset

@@ -108,6 +108,8 @@ def test_finetune_refuses_detector_options_for_sam_and_kinds_it_cannot_train(tmp
     base = ["teachers", "finetune", "--store", tmp_path / "store", "--out", tmp_path / "ft"]
     out = _invoke(base + ["--teachers", "default", "--component", "segmenter", "--method", "full", "--rank", 4])
     assert "--method, --rank apply to the detector" in out
+    out = _invoke(base + ["--teachers", "default", "--component", "segmenter", "--method", "full"])
+    assert "--method applies to the detector" in out
     owl = tmp_path / "owl.yaml"
     (tmp_path / "sam.pth").write_bytes(b"")  # only its existence is checked before the refusal
     owl.write_text("detector: {kind: owlv2, model: google/owlv2-base-patch16-ensemble}\n"
