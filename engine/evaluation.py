@@ -314,7 +314,8 @@ def write_report(report: dict, out: str | Path, title: str) -> Path:
                 ax.plot(pr["recall"], y, style, label=f"{key.split('@')[1]} (mAP {_fmt(report[t]['mAP' + key.split('@')[1]])})")
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
                title=f"{'box' if t == 'bbox' else 'mask'} precision-recall, mean over classes")
-        ax.legend(fontsize=8)
+        if pr:  # nothing plotted (no class with GT and predictions): no legend, and no matplotlib warning
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

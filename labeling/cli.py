@@ -466,7 +466,7 @@ def teachers_eval(presets, labelset, store, out, limit, val_only, val_fraction, 
     for w in ev.warnings:
         click.echo(click.style(f"warning: {w}", fg="yellow"))
     write_outputs(ev, out)
-    click.echo(f"report: {out}/ (report.json, comparison.md, per_class_ap.png, one folder per teacher)")
+    click.echo(f"report: {str(out).rstrip('/')}/ (report.json, comparison.md, per_class_ap.png, one folder per teacher)")
 
 
 def _echo_table(rows, worse=None) -> None:

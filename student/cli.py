@@ -161,4 +161,4 @@ def eval_cmd(model_path, images_dir, store, labelset, gt_path, out, imgsz, conf,
         click.echo(f"GT classes the model does not know (not scored): {', '.join(report['gt_classes_unknown_to_model'])}")
     if report["model_classes_missing_in_gt"]:
         click.echo(f"model classes absent from the GT: {', '.join(report['model_classes_missing_in_gt'][:20])}")
-    click.echo(f"report: {out}/ (report.json, per_class_ap.csv/.md, pr_curves.png, per_class_ap.png)")
+    click.echo(f"report: {str(out).rstrip('/')}/ (report.json, per_class_ap.csv/.md, pr_curves.png, per_class_ap.png)")

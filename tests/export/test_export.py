@@ -358,6 +358,7 @@ def test_cli_export_onnx_int8_check(student, tmp_path, coco128):
     row = next(line for line in r.output.splitlines() if line.startswith("ORT INT8"))
     assert row.endswith("missed: " + ", ".join(v["missed_targets"]) if v["missed_targets"] else "met"), row
     assert "Average Precision" not in r.output  # pycocotools' summaries stay out of the table
+    assert "  (reference)" in r.output and r.output.rstrip().endswith("speed-up ORT INT8 >= 1.5x")  # rows shown only
     r = run(main, ["export", "onnx", "--model", str(pt), "--imgsz", "300", "--out", str(tmp_path / "y.onnx")])
     assert r.exit_code != 0 and "multiple of 32" in r.output
 
