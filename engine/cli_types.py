@@ -192,3 +192,20 @@ class FloatRange(click.FloatRange):
         if self.finite and isinstance(rv, float) and math.isinf(rv):
             self.fail(f"{value!r} is not a finite number; give {self._describe_range()}", param, ctx)
         return rv
+
+
+class ImageSize(click.IntRange):
+    """``--imgsz``: pixels, >= 32 and a multiple of 32, the YOLOv8 stride. ultralytics
+    (``check_imgsz``) would round another value up with a warning, and the run's records would
+    name a size it did not use."""
+
+    def __init__(self):
+        super().__init__(min=32)
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if rv % 32:
+            self.fail(f"{rv} is not a multiple of 32 (the model's stride); ultralytics would run at "
+                      f"{-(-rv // 32) * 32} instead", param, ctx)
+        return rv
+

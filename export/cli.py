@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from distillery.engine.cli_errors import UserError, fail_cleanly
-from distillery.engine.cli_types import Checkpoint, CocoJson, Config, ImageFolder, Output, Store, StudentOnnx
+from distillery.engine.cli_types import Checkpoint, CocoJson, Config, ImageFolder, ImageSize, Output, Store, StudentOnnx
 
 
 _errors = fail_cleanly
@@ -68,7 +68,7 @@ def export() -> None:
 
 @export.command("onnx")
 @click.option("--model", required=True, type=Checkpoint(), help="Student checkpoint (.pt).")
-@click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True)
+@click.option("--imgsz", type=ImageSize(), default=640, show_default=True)
 @click.option("--batch", default="1", show_default=True, help="Fixed batch size, or 'dynamic'.")
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: ultralytics' choice).")
 @click.option("--out", required=True, type=Output(folder=False, example="student.onnx"))
@@ -206,7 +206,7 @@ def export_engine_cmd(model, device_profile, out):
               help="OpenVINO INT8 folder (`distillery export openvino --precision int8`).")
 @click.option("--gt", "gt_path", required=True, type=CocoJson())
 @click.option("--images", "images_dir", required=True, type=ImageFolder())
-@click.option("--imgsz", type=click.IntRange(min=32), default=None, help="Default: the ONNX's input size, else 640.")
+@click.option("--imgsz", type=ImageSize(), default=None, help="Default: the ONNX's input size, else 640.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use the first N GT images only.")
 @click.option("--out", type=Output(folder=False, example="check.json"), default=None, help="Write the report JSON here.")
 @_errors

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from distillery.engine.cli_errors import UserError, fail_cleanly, install_hint
-from distillery.engine.cli_types import CocoJson, FloatRange, ImageFolder, Output, Store, StudentModel, TrainModel
+from distillery.engine.cli_types import (CocoJson, FloatRange, ImageFolder, ImageSize, Output, Store, StudentModel,
+                                         TrainModel)
 
 
 _errors = fail_cleanly
@@ -41,7 +42,7 @@ _OWN_OPTIONS = {"epochs": "epochs", "imgsz": "imgsz", "batch": "batch", "model":
 @click.option("--model", default="yolov8n-seg.yaml", show_default=True, type=TrainModel(),
               help="ultralytics model YAML (from scratch) or a .pt checkpoint to start from.")
 @click.option("--epochs", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True)
+@click.option("--imgsz", type=ImageSize(), default=640, show_default=True)
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--out", required=True, type=Output(folder=True, example="runs/NAME"), help="Run directory, e.g. runs/NAME.")
 @click.option("--min-score", type=FloatRange(0, 1), default=0.25, show_default=True,
@@ -110,7 +111,7 @@ def train_cmd(store, labelset, curation, model, epochs, imgsz, batch, out, min_s
               help="With --store: label set name, id or unique id prefix (default: the store's only one).")
 @click.option("--gt", "gt_path", required=True, type=CocoJson(), help="COCO instances JSON.")
 @click.option("--out", required=True, type=Output(folder=True, example="report/"), help="Report directory.")
-@click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True, help="With --model.")
+@click.option("--imgsz", type=ImageSize(), default=640, show_default=True, help="With --model.")
 @click.option("--conf", type=FloatRange(0, 1), default=0.001, show_default=True, help="With --model.")
 @click.option("--device", default=None, help="With --model: cpu, 0, ...")
 @_errors

@@ -165,3 +165,11 @@ def test_teachers_that_cannot_run_here_fail_before_any_label_set_or_run_folder(t
     out = _invoke([*ft, cuda])
     assert f"device cuda:{n_gpus}: torch sees" in out
     assert not (tmp_path / "ft").exists()
+
+
+def test_imgsz_must_be_a_multiple_of_the_stride(tmp_path):
+    """ultralytics rounds --imgsz 33 up to 64 with a warning while args.yaml records 33."""
+    (tmp_path / "store" / "labelsets").mkdir(parents=True)
+    out = _invoke(["train", "--store", tmp_path / "store", "--imgsz", 33, "--out", tmp_path / "run"])
+    assert "Invalid value for '--imgsz': 33 is not a multiple of 32 (the model's stride); ultralytics would run at 64 " \
+           "instead" in out and not (tmp_path / "run").exists()
