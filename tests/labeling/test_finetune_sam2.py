@@ -251,4 +251,4 @@ def test_cli_finetunes_sam2_writes_folder_preset_provenance_and_labels_into_a_ne
     assert "SAM 2: resuming from sam-state.pt" in log
     assert json.loads((out / "finetune.json").read_text())["weights_sha256"] == sha
     r = CliRunner().invoke(main, [str(a) for a in [*args[:-2], "--method", "lora", "--out", tmp_path / "ft2"]])
-    assert r.exit_code == 1 and "--method apply to the detector" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "--method applies to the detector" in r.output and "Traceback" not in r.output
