@@ -218,22 +218,23 @@ class GroundedConfig(StrictConfig):
 
 
 def check_sam_checkpoint(path: str, what: str) -> None:
-    """``path`` is a PyTorch state dict (read lazily: ``torch.load(mmap=True,
-    weights_only=True)``, no weights copied), so that a wrong file fails before any label set
+    """``path`` is a PyTorch state dict (read lazily, ``torch.load(mmap=True,
+    weights_only=True)``, when it is a zip-format file; a pre-1.6 ``torch.save`` file is read
+    whole), so that a wrong file fails before any label set
     or fine-tuning run exists instead of as an unpickling traceback from inside a stage.
 
     Raises:
         PresetError: naming ``what`` and what the file is.
     """
-    import pickle
+    import zipfile
 
     import torch
 
     from distillery.engine.filekinds import describe
 
-    try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError) as e:
+    try:  # mmap needs the zip format (torch >= 1.6's default); an older .pth is read whole
+        sd = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch's weights-only unpickler raises many kinds on foreign files
         raise PresetError(f"{what} {path} is {describe(path)}, not a PyTorch state dict of SAM weights; give the "
                           "segment-anything .pth (e.g. sam_vit_b_01ec64.pth)") from e
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -192,3 +192,22 @@ def test_a_model_folder_of_another_kind_fails_before_any_label_set(tiny_teachers
     p = TeacherPreset.from_dict({"detector": {"model": gd}, "segmenter": {"kind": "sam-hq", "model": "w/sam.pth"}})
     with pytest.raises(PresetError, match="is a weights file"):
         p.check_detector(Ontology.from_classes("person"), "p.yaml")
+
+
+def test_sam_checkpoint_check_reads_both_torch_save_formats(tmp_path):
+    """A state dict saved in the zip format (read with mmap) and in the pre-1.6 format (mmap
+    cannot read it: read whole) both pass; a pickled non-state-dict and a YAML file do not."""
+    import torch
+
+    from distillery.labeling.teachers import check_sam_checkpoint
+
+    torch.save({"w": torch.zeros(2)}, tmp_path / "new.pth")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    check_sam_checkpoint(str(tmp_path / "new.pth"), "k")
+    check_sam_checkpoint(str(tmp_path / "old.pth"), "k")  # was refused: "mmap can only be used with ..."
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(PresetError, match=r"k .*list.pth is a PyTorch file but not a state dict of tensors"):
+        check_sam_checkpoint(str(tmp_path / "list.pth"), "k")
+    (tmp_path / "p.yaml").write_text("a: 1\n")
+    with pytest.raises(PresetError, match=r"k .*p.yaml is a YAML file, not a PyTorch state dict of SAM weights"):
+        check_sam_checkpoint(str(tmp_path / "p.yaml"), "k")
