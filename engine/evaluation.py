@@ -12,7 +12,9 @@ predicted classes the GT lacks are listed in the report, not silently scored as 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -142,7 +144,7 @@ def check_sizes(gt_by_base: dict, image_files: list[str], predictions: list[dict
 
 
 def evaluate(gt: dict, predictions: list[dict], class_names: list[str], image_files: list[str] | None = None,
-             iou_types=IOU_TYPES) -> dict:
+             iou_types=IOU_TYPES, quiet: bool = False) -> dict:
     """COCOeval of neutral ``predictions`` against ``gt``.
 
     The GT goes through :func:`distillery.engine.cocofile.for_pycocotools` first: images,
@@ -159,6 +161,8 @@ def evaluate(gt: dict, predictions: list[dict], class_names: list[str], image_fi
         image_files: the images that were predicted (paths or basenames); None: the GT
             images that have a prediction or are named by predictions.
         iou_types: ``bbox`` and/or ``segm``.
+        quiet: keep pycocotools' printed loading lines and summaries off stdout (for callers
+            that print their own table of the report's numbers).
 
     Returns:
         report dict: ``images``, ``categories_evaluated``, ``gt_classes_unknown_to_model``,
@@ -226,9 +230,11 @@ def evaluate(gt: dict, predictions: list[dict], class_names: list[str], image_fi
         "model_classes_missing_in_gt": sorted(n for n in class_names if n not in cat_by_name),
         "gt_unmatchable": prepared.unmatchable,
     }
+    hush = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()  # both reusable
     coco_gt = COCO()
     coco_gt.dataset = ds  # a fresh copy: COCOeval rewrites GT segmentations in place
-    coco_gt.createIndex()
+    with hush:
+        coco_gt.createIndex()
     for iou_type in iou_types:
         res = [dict(r) for r in results if iou_type == "bbox" or "segmentation" in r]
         if iou_type == "bbox":
@@ -237,9 +243,10 @@ def evaluate(gt: dict, predictions: list[dict], class_names: list[str], image_fi
         if not res:
             report[iou_type] = {"mAP50-95": 0.0, "mAP50": 0.0, "mAP75": 0.0, "stats": [], "per_class": {}, "pr": {}}
             continue
-        ev = COCOeval(coco_gt, coco_gt.loadRes(res), iou_type)
-        ev.params.imgIds, ev.params.catIds = img_ids, cat_ids
-        ev.evaluate(), ev.accumulate(), ev.summarize()
+        with hush:
+            ev = COCOeval(coco_gt, coco_gt.loadRes(res), iou_type)
+            ev.params.imgIds, ev.params.catIds = img_ids, cat_ids
+            ev.evaluate(), ev.accumulate(), ev.summarize()
         prec = ev.eval["precision"]  # [T=10 IoUs, R=101 recalls, K cats, A=4 areas, M=3 maxDets]
         per_class = {}
         for k, name in enumerate(shared):

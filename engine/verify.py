@@ -246,9 +246,8 @@ def _check_manifest(ls: LabelSet, names: Counter, rep: VerifyReport) -> None:
     if ls.id != ls.root.name:
         rep.problems.append(f"{path}: labelset_id {ls.id} != its folder name {ls.root.name}; the folder was renamed "
                             "or the manifest copied: restore the folder name")
-    classes = ls.manifest.get("ontology", {}).get("classes")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes) \
-            or len(set(classes)) != len(classes):
+    classes = ls.classes  # a list of strings: LabelSet refuses other shapes (store.manifest_shape_problem)
+    if not classes or len(set(classes)) != len(classes):
         rep.problems.append(f"{path}: ontology.classes must be a non-empty list of unique names, got {classes!r}")
     if ls.name is not None:
         try:

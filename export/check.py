@@ -18,8 +18,6 @@ bf16 on CPUs with AVX-512 BF16 / AMX, which the report states).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import statistics
 from pathlib import Path
 
@@ -34,13 +32,6 @@ MODELS = {"pytorch": "PyTorch", "fp32": "ORT FP32", "int8": "ORT INT8", "openvin
 #: ONNX), speed-up over ONNX Runtime FP32 on the CPU (ORT INT8: issue 5; OpenVINO INT8: issue 12).
 TARGETS = {"max_mask_map_drop_points": 1.0, "min_agreement_map50": 0.9,
            "min_speedup": {"int8": 1.5, "openvino-int8": 2.0}}
-
-
-def _quiet_evaluate(gt: dict, preds: list[dict], class_names: list[str], image_paths: list[str]) -> dict:
-    """:func:`~distillery.engine.evaluation.evaluate` without pycocotools' printed summaries
-    (two per model and comparison; the report's table carries the numbers)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return evaluate(gt, preds, class_names, image_files=image_paths)
 
 
 def missed_targets(name: str, vs: dict) -> list[str]:
@@ -112,7 +103,7 @@ def export_check(models: dict, gt: dict, image_paths: list[str], imgsz: int, cla
         path = models[name]
         timings: list = []
         preds[name] = predict_ultralytics(path, image_paths, imgsz=imgsz, timings=timings)
-        rep = _quiet_evaluate(gt, preds[name], class_names, image_paths)
+        rep = evaluate(gt, preds[name], class_names, image_files=image_paths, quiet=True)  # the table has the numbers
         lat = [t["inference"] for t in timings[1:]] or [t["inference"] for t in timings]
         report["models"][name] = {"path": str(path), "latency_ms": statistics.mean(lat),
                                   **{t: {k: rep[t][k] for k in ("mAP50-95", "mAP50", "mAP75")} for t in ("bbox", "segm")}}
@@ -129,7 +120,7 @@ def export_check(models: dict, gt: dict, image_paths: list[str], imgsz: int, cla
         m = report["models"][name]
         agreement = {"bbox_map50": None, "segm_map50": None}
         if ref_gt is not None:
-            a = _quiet_evaluate(ref_gt, preds[name], class_names, image_paths)
+            a = evaluate(ref_gt, preds[name], class_names, image_files=image_paths, quiet=True)
             agreement = {"bbox_map50": a["bbox"]["mAP50"], "segm_map50": a["segm"]["mAP50"]}
         report["vs_fp32"][name] = {
             "mask_map_drop_points": 100 * (f["segm"]["mAP50-95"] - m["segm"]["mAP50-95"]),

@@ -32,8 +32,6 @@ by every one of them, since the split is a threshold on one hash); otherwise on 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -210,10 +208,11 @@ def checked_preset(teacher: Teacher, gt: LabelSet):
 
 
 def label_teacher(store: LabelStore, teacher: Teacher, gt: LabelSet, paths: list[str], *, runner: str = "local",
-                  ray_address: str | None = None, progress: bool = False) -> tuple[LabelSet, int]:
+                  ray_address: str | None = None, progress: bool = False, checked=None) -> tuple[LabelSet, int]:
     """Label ``paths`` with ``teacher`` over the GT's ontology into the store (the prediction
     cache, see the module docstring). A new label set is named ``eval-<label>-<8 hex of its
-    id>`` (unique per teacher fingerprint); an existing one keeps its name.
+    id>`` (unique per teacher fingerprint); an existing one keeps its name. ``checked``: the
+    ``(preset, ontology)`` :func:`checked_preset` already returned for it (None: check here).
 
     Returns:
         ``(label set, images labelled by this call)`` (0 on a cached rerun).
@@ -225,7 +224,7 @@ def label_teacher(store: LabelStore, teacher: Teacher, gt: LabelSet, paths: list
     from distillery.engine.job import run_label_job
     from distillery.labeling.teachers import labelset_spec, teacher_stages
 
-    preset, onto = checked_preset(teacher, gt)
+    preset, onto = checked or checked_preset(teacher, gt)
     spec = labelset_spec(onto, preset)
     ls_id = fingerprint(spec)
     exists = any(s.id == ls_id for s in store.labelsets())
@@ -284,9 +283,8 @@ def score_teacher(gt_coco: dict, gt: list[LabelRecord], pred: dict[str, LabelRec
             records.append(LabelRecord(image_id=r.image_id, path=g.image_id, width=r.width, height=r.height,
                                        num_classes=len(classes), boxes=r.boxes, scores=r.scores, box_score=r.box_score,
                                        masks=r.masks, mask_score=r.mask_score))
-    with contextlib.redirect_stdout(io.StringIO()):  # COCOeval's printed summary; the numbers are in the report
-        report = evaluate(gt_coco, records_to_predictions(records, classes), classes,
-                          image_files=[g.image_id for g in gt])
+    report = evaluate(gt_coco, records_to_predictions(records, classes), classes,  # the numbers are in the report
+                      image_files=[g.image_id for g in gt], quiet=True)
     report["mask_mIoU"] = mask_miou(gt, pred, classes)
     return report
 
@@ -370,11 +368,12 @@ def run_teacher_eval(store: LabelStore, gt: LabelSet, teachers: list[Teacher], *
     warnings = []
     gt_coco = _gt_coco(held, gt.classes)
     reports, made = {}, {}
-    for t in teachers:  # every preset checked before the first teacher labels (hours, with real teachers)
+    checked = {}  # every preset checked before the first teacher labels (hours, with real teachers)
+    for t in teachers:
         if t.label not in (predictions or {}):
-            preset, _ = checked_preset(t, gt)
+            checked[t.label] = checked_preset(t, gt)
             if not ray_address:
-                preset.check_device_here(str(t.preset_path))
+                checked[t.label][0].check_device_here(str(t.preset_path))
     for t in teachers:
         overlap = training_overlap(store, t, ids)
         if overlap:
@@ -388,7 +387,7 @@ def run_teacher_eval(store: LabelStore, gt: LabelSet, teachers: list[Teacher], *
             ls, n_new = predictions[t.label], 0
         else:
             ls, n_new = label_teacher(store, t, gt, [r.path for r in held], runner=runner, ray_address=ray_address,
-                                      progress=progress)
+                                      progress=progress, checked=checked[t.label])
         pred, failed = {}, {}
         for r in ls.iter_records():
             if r.image_id in ids and r.error is None:
