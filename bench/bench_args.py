@@ -1,7 +1,8 @@
 """argparse types shared by the bench scripts: a bad number is refused before any work starts,
 in argparse's one line (exit status 2), instead of a traceback or a long run that fails late.
 
-    from bench_args import at_least, counts, imgsz    # bench/ is on sys.path when a bench script runs
+    import bench_args as ba    # bench/ is on sys.path when a bench script runs
+    ap.add_argument("--n", type=ba.positive, default=8)
 """
 
 from __future__ import annotations
@@ -49,17 +50,12 @@ def imgsz(text: str) -> int:
     return v
 
 
-def counts(lo: int = 1, hi: int | None = None, ascending: bool = True) -> Callable[[str], list[int]]:
-    """Comma-separated whole numbers in ``lo..hi``, strictly ascending unless ``ascending`` is False."""
-    one = at_least(lo, hi)
-
-    def parse(text: str) -> list[int]:
-        vs = [one(t.strip()) for t in text.split(",")]
-        if ascending and any(b <= a for a, b in zip(vs, vs[1:])):
-            raise argparse.ArgumentTypeError(f"{text!r} is not in ascending order without repeats")
-        return vs
-
-    return parse
+def ascending_counts(text: str) -> list[int]:
+    """Comma-separated whole numbers >= 1, strictly ascending."""
+    vs = [positive(t.strip()) for t in text.split(",")]
+    if any(b <= a for a, b in zip(vs, vs[1:])):
+        raise argparse.ArgumentTypeError(f"{text!r} is not in ascending order without repeats")
+    return vs
 
 
 def names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:

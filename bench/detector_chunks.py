@@ -151,7 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", default=str(ROOT.parent / "shared" / "data" / "coco128" / "images"))
     ap.add_argument("--n", type=ba.positive, default=4, help="photos for the tiny teacher, one batch")
-    ap.add_argument("--chunks", type=ba.counts(), default="1,2,4,8",
+    ap.add_argument("--chunks", type=ba.ascending_counts, default="1,2,4,8",
                     help="prompt-chunk counts, comma-separated, ascending")
     ap.add_argument("--repeats", type=ba.positive, default=3,
                     help="runs per measurement for the tiny teacher (best kept)")

@@ -135,15 +135,10 @@ def _checkpoint_task(obj) -> str | None:
     return _TASK_OF_CLASS.get(cls.__name__, "segment" if "Seg" in cls.__name__ else "other")
 
 
-#: Leading bytes of the image formats Pillow decodes most often (JPEG, PNG, GIF, BMP, TIFF in
-#: both byte orders); WebP is ``RIFF....WEBP``.
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-
-
 def describe(path: str | os.PathLike) -> str:
     """What ``path`` is, in words, for error messages: ``missing``, ``a folder``, ``an ONNX
     model``, ``an ultralytics segment checkpoint``, ``a PyTorch file without an ultralytics
-    model``, ``an image`` (by suffix or leading bytes), ``a damaged or cut-off ONNX file``,
+    model``, ``an image`` (by suffix, or Pillow identifies it), ``a damaged or cut-off ONNX file``,
     ``a JSON file``, ``a text file``, ``a binary file``..."""
     p = Path(path).expanduser()
     if not p.exists():
@@ -166,8 +161,7 @@ def describe(path: str | os.PathLike) -> str:
         return "an ONNX model"
     from distillery.engine.images import IMAGE_SUFFIXES
 
-    webp = head[:4] == b"RIFF" and head[8:12] == b"WEBP"
-    if p.suffix.lower() in IMAGE_SUFFIXES or head.startswith(IMAGE_MAGIC) or webp:
+    if p.suffix.lower() in IMAGE_SUFFIXES or _pillow_identifies(p):
         return "an image"
     if head[:1] == b"\x08" and p.suffix.lower() == ".onnx":  # ModelProto's ir_version field, then no model
         return "a damaged or cut-off ONNX file"
@@ -177,6 +171,17 @@ def describe(path: str | os.PathLike) -> str:
             return "a JSON file"
         return "a YAML file" if p.suffix.lower() in (".yaml", ".yml") else "a text file"
     return "a binary file"
+
+
+def _pillow_identifies(p: Path) -> bool:
+    """Pillow recognises ``p`` as an image (``Image.open`` reads the header only)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError):
+        return False
 
 
 def _looks_onnx(p: Path, head: bytes) -> bool:

@@ -117,3 +117,14 @@ def proposal_loss(outputs, labels, attention_mask, config) -> tuple[torch.Tensor
     loss_dict = {f"{k}_enc": v for k, v in _criterion(config, logits.device)(enc, labels).items()}
     loss = sum(loss_dict[f"{k}_enc"] * w for k, w in _weights(config).items())
     return loss, loss_dict
+
+
+def diverged_weights(named_parameters) -> str | None:
+    """Why trained weights must not be saved, or None: the message naming how many of
+    ``named_parameters`` (``(name, tensor)`` pairs) hold NaN or infinity, e.g. after a last
+    step whose update diverged after its loss was checked."""
+    bad = [n for n, p in named_parameters if not torch.isfinite(p).all()]
+    if not bad:
+        return None
+    return f"{len(bad)} trained weight tensor(s) hold NaN or infinity (e.g. {bad[0]}); nothing was saved: lower --lr"
+

@@ -231,15 +231,13 @@ def save_weights(model, processor, method: str, out: Path) -> Path:
         TrainingDiverged: a trained weight is NaN or infinite (the last step's update can
             diverge after its loss was checked); nothing is written.
     """
-    import torch
-
     from distillery.labeling.finetune.detector import TrainingDiverged, detection_model
+    from distillery.labeling.finetune.loss import diverged_weights
 
     net = getattr(model, "module", model)
-    bad = [n for n, p in net.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-    if bad:
-        raise TrainingDiverged(f"{len(bad)} trained weight tensor(s) hold NaN or infinity (e.g. {bad[0]}); nothing "
-                               "was saved: lower --lr")
+    why = diverged_weights((n, p) for n, p in net.named_parameters() if p.requires_grad)
+    if why:
+        raise TrainingDiverged(why)
     final = Path(out) / ("adapter" if method == "lora" else "model")
     tmp = Path(out) / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)

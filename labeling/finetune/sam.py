@@ -46,6 +46,7 @@ from distillery.labeling.finetune.sam_data import (
     low_res_targets,
     samples_from_records,
 )
+from distillery.labeling.finetune.loss import diverged_weights
 from distillery.labeling.finetune.sam_kinds import MaskKind, as_kind, features_to, state_hash
 
 #: SAM's mask loss: focal and dice in a 20:1 ratio, IoU-head MSE added with weight 1.0
@@ -358,10 +359,9 @@ def finetune_mask_decoder(model, train: list[SamSample], val: list[SamSample], o
                           "optimizer": opt.state_dict(), "rng": rng.bit_generator.state}, Path(state_path))
         if on_epoch is not None:
             on_epoch(entry)
-    bad = [f"{n}.{w}" for n, m in trained.items() for w, p in m.named_parameters() if not torch.isfinite(p).all()]
-    if bad:  # a diverged run: its loss or last update went non-finite; nothing is saved
-        raise SamFinetuneError(f"{len(bad)} trained weight tensor(s) hold NaN or infinity (e.g. {bad[0]}); nothing "
-                               "was saved: lower --lr")
+    why = diverged_weights((f"{n}.{w}", p) for n, m in trained.items() for w, p in m.named_parameters())
+    if why:  # a diverged run: nothing is saved
+        raise SamFinetuneError(why)
     kind.save(out)
     return history
 

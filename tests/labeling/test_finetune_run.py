@@ -311,3 +311,8 @@ def test_diverged_weights_are_never_saved(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"1 trained weight tensor\(s\) hold NaN or infinity \(e.g. weight\)"):
         save_weights(net, None, "lora", tmp_path)
     assert not any(tmp_path.iterdir())
+    from distillery.labeling.finetune.loss import diverged_weights  # the SAM decoder's check too
+
+    assert diverged_weights([("a", torch.ones(2)), ("b", torch.tensor([1.0, float("inf")]))]).startswith(
+        "1 trained weight tensor(s) hold NaN or infinity (e.g. b)")
+    assert diverged_weights([("a", torch.ones(2))]) is None
